@@ -1,0 +1,1 @@
+"""Data: WebDataset shard pipelines, transforms, shard writing and synthetic data."""
