@@ -1,0 +1,147 @@
+"""Check ContrastiveLoss's invariant on real processes; run by tests/test_loss.py under `accelerate launch`.
+
+Every rank builds the same tiny dual encoder and the same global batch, wraps a copy in DDP through
+`accelerator.prepare`, and backpropagates the loss of its own slice. Rank 0 also computes the loss of the whole
+global batch on an unwrapped copy in one process and writes, as JSON, how far the DDP gradients (per parameter:
+max |difference| / max |reference|) and loss are from that reference:
+
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_grad_check.py --mode local --out result.json
+
+On a machine without GPUs, `--multi_gpu` alone leaves Accelerate at DistributedType.NO (no DDP wrapping); this script
+passes `cpu=True` there, which selects gloo and DDP (the same as exporting ACCELERATE_USE_CPU=true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from clipalign.config import ModelConfig
+from clipalign.loss import ContrastiveLoss
+from clipalign.model import create_model
+
+_WORDS = ["red", "green", "blue", "small", "large", "striped", "circle", "square", "dog", "cat", "boat", "tree"]
+
+
+def _parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=["dense", "local"], default="local")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--local-batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="float64 shrinks the numerical noise to ~1e-14, to tell it apart from a real discrepancy")
+    p.add_argument("--mismatch", action="store_true",
+                   help="afterwards, give rank 1 a smaller local batch and record the loss's error as mismatch_error")
+    p.add_argument("--out", required=True, help="JSON file that rank 0 writes")
+    return p.parse_args()
+
+
+def _global_batch(tokenizer, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same uint8 images (size, 3, 64, 64) and token ids (size, 32) on every rank."""
+    g = torch.Generator().manual_seed(1234)
+    images = torch.randint(0, 256, (size, 3, 64, 64), dtype=torch.uint8, generator=g)
+    picks = torch.randint(0, len(_WORDS), (size, 3), generator=g).tolist()
+    captions = [f"a {_WORDS[a]} {_WORDS[b]} next to a {_WORDS[c]} number {i}" for i, (a, b, c) in enumerate(picks)]
+    return images, tokenizer(captions)
+
+
+def _reference_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, label_smoothing: float):
+    """CLIP loss of one process on the whole batch, written out independently of clipalign.loss."""
+    logits = scale * image @ text.T  # (B_global, B_global)
+    labels = torch.arange(image.shape[0])
+    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
+
+
+def _mismatch_error(accelerator: Accelerator, args: argparse.Namespace) -> str | None:
+    """Rank 1 brings two rows fewer; every rank should raise the same clear error instead of hanging."""
+    rows = args.local_batch - 2 if accelerator.process_index == 1 else args.local_batch
+    features = F.normalize(torch.randn(rows, 16), dim=-1).to(accelerator.device)
+    try:
+        ContrastiveLoss(args.mode)(features, features, torch.tensor(10.0))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict:
+    set_seed(args.seed)
+    model = create_model(ModelConfig(name="tiny-vit-64")).to(getattr(torch, args.dtype))
+    reference = copy.deepcopy(model)
+    world, rank, b = accelerator.num_processes, accelerator.process_index, args.local_batch
+    images, tokens = _global_batch(model.tokenizer, world * b)
+    if args.dtype == "float64":  # the model would normalise uint8 images in float32
+        images = (images.double() - model.pixel_mean.double()) / model.pixel_std.double()
+
+    ddp_model = accelerator.prepare(model)
+    out = ddp_model(images[rank * b:(rank + 1) * b].to(accelerator.device),
+                    tokens[rank * b:(rank + 1) * b].to(accelerator.device))
+    loss = ContrastiveLoss(args.mode, args.label_smoothing)(out["image_features"], out["text_features"],
+                                                            out["logit_scale"])
+    accelerator.backward(loss)
+    losses = accelerator.gather(loss.detach()[None]).tolist()  # (N,)
+    if not accelerator.is_main_process:
+        return {}
+
+    # The encoders treat samples independently, so running them in per-rank chunks computes the same features; it
+    # keeps the reference's matmul shapes equal to the ranks' and so removes batch-size-dependent rounding.
+    chunks = [reference(images[i:i + b], tokens[i:i + b]) for i in range(0, world * b, b)]
+    ref_out = {key: torch.cat([c[key] for c in chunks]) for key in ("image_features", "text_features")}
+    ref_out["logit_scale"] = chunks[0]["logit_scale"]
+    ref_loss = _reference_loss(ref_out["image_features"], ref_out["text_features"], ref_out["logit_scale"],
+                               args.label_smoothing)
+    ref_loss.backward()
+
+    grads = {}
+    for (name, p), (ref_name, ref_p) in zip(accelerator.unwrap_model(ddp_model).named_parameters(),
+                                            reference.named_parameters()):
+        assert name == ref_name, (name, ref_name)
+        if p.grad is None or ref_p.grad is None:
+            grads[name] = {"missing": [p.grad is None, ref_p.grad is None]}
+            continue
+        diff = p.grad.cpu() - ref_p.grad
+        abs_diff, scale = diff.abs().max().item(), ref_p.grad.abs().max().item()
+        grads[name] = {"max_abs_diff": abs_diff, "ref_max_abs": scale, "rel_diff": abs_diff / max(scale, 1e-30),
+                       "rel_l2": (diff.norm() / ref_p.grad.norm().clamp_min(1e-30)).item()}
+
+    # dense: every rank holds the global loss; local: the mean over ranks is the global loss
+    value = sum(losses) / len(losses) if args.mode == "local" else losses[0]
+    rel = [g["rel_diff"] for g in grads.values() if "rel_diff" in g]
+    return {
+        "losses": losses,
+        "loss": value,
+        "ref_loss": ref_loss.item(),
+        "loss_abs_diff": abs(value - ref_loss.item()),
+        "max_rel_diff": max(rel),
+        "num_params": len(grads),
+        "grads": grads,
+    }
+
+
+def main() -> None:
+    args = _parse_args()
+    # Without CUDA, cpu=True is what makes Accelerate pick gloo and wrap the model in DDP.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        result = _check_gradients(accelerator, args)
+        if args.mismatch:
+            result["mismatch_error"] = _mismatch_error(accelerator, args)
+        if accelerator.is_main_process:
+            result.update(mode=args.mode, world_size=accelerator.num_processes, local_batch=args.local_batch,
+                          dtype=args.dtype, distributed_type=str(accelerator.distributed_type))
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    finally:
+        # gloo aborts the interpreter at exit ("terminate called without an active exception") if the group lives on
+        accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

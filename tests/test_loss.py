@@ -1,0 +1,154 @@
+"""ContrastiveLoss: one process against open_clip's ClipLoss, and the DDP invariant on real gloo processes."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipalign.config import LossConfig
+from clipalign.distributed import all_gather_with_grad, get_rank, get_world_size
+from clipalign.loss import ContrastiveLoss, build_loss
+
+REPO = Path(__file__).resolve().parent.parent
+GRAD_CHECK = REPO / "tests" / "dist_grad_check.py"
+RTOL = 1e-5  # fp32: the DDP and one-process gradients differ only by summation order (~5e-6 at worst seen)
+
+# name -> (processes, script arguments); each is one `accelerate launch`, run once per module and shared by tests
+_RUNS = {
+    "dense-2": (2, ["--mode", "dense"]),
+    "local-2": (2, ["--mode", "local", "--mismatch"]),
+    "local-4-smoothing": (4, ["--mode", "local", "--label-smoothing", "0.1"]),
+}
+
+
+def _features(batch: int = 12, dim: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
+    scale = torch.tensor(1 / 0.07).requires_grad_()
+    return image, text, scale
+
+
+def _value_and_grads(loss_fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    loss = loss_fn(*inputs)
+    return (loss.detach(), *torch.autograd.grad(loss, inputs))
+
+
+def test_not_distributed_in_a_plain_process():
+    x = torch.randn(3, 4)
+    assert (get_world_size(), get_rank()) == (1, 0)
+    assert all_gather_with_grad(x) is x
+
+
+@pytest.mark.parametrize("logit_bias", [None, -2.0])
+def test_single_process_dense_and_local_equal_open_clip(logit_bias):
+    inputs = _features()
+    theirs = _value_and_grads(lambda i, t, s: open_clip.loss.ClipLoss()(i, t, s, logit_bias), *inputs)
+    dense = _value_and_grads(lambda i, t, s: ContrastiveLoss("dense")(i, t, s, logit_bias), *inputs)
+    local = _value_and_grads(lambda i, t, s: ContrastiveLoss("local")(i, t, s, logit_bias), *inputs)
+    for name, a, b, c in zip(["loss", "d image", "d text", "d logit_scale"], dense, local, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}: dense != local")
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7, msg=f"{name}: dense != open_clip ClipLoss")
+    assert dense[-1].abs().item() > 0  # the temperature gets a gradient too
+
+
+@pytest.mark.parametrize("mode", ["dense", "local"])
+def test_label_smoothing_matches_cross_entropy(mode):
+    image, text, scale = _features()
+    smooth = 0.1
+
+    def by_hand(i, t, s):
+        logits = s * i @ t.T
+        labels = torch.arange(len(i))
+        return (F.cross_entropy(logits, labels, label_smoothing=smooth)
+                + F.cross_entropy(logits.T, labels, label_smoothing=smooth)) / 2
+
+    ours = _value_and_grads(ContrastiveLoss(mode, label_smoothing=smooth), image, text, scale)
+    for a, b in zip(ours, _value_and_grads(by_hand, image, text, scale)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    plain = ContrastiveLoss(mode)(image, text, scale)
+    assert not math.isclose(ours[0].item(), plain.item(), rel_tol=1e-3)
+
+
+def test_gather_false_never_gathers():
+    inputs = _features()
+    torch.testing.assert_close(ContrastiveLoss("local", gather=False)(*inputs), ContrastiveLoss("local")(*inputs))
+
+
+def test_build_loss_and_its_errors():
+    loss = build_loss(LossConfig(kind="contrastive", mode="dense", label_smoothing=0.2))
+    assert isinstance(loss, ContrastiveLoss) and (loss.mode, loss.label_smoothing) == ("dense", 0.2)
+    with pytest.raises(ValueError, match=r"loss\.kind 'sigmoid'.*supported kinds: contrastive"):
+        build_loss(LossConfig(kind="sigmoid"))
+    with pytest.raises(ValueError, match=r"'tiled' is not one of dense, local"):
+        ContrastiveLoss("tiled")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ContrastiveLoss(label_smoothing=1.0)
+
+
+# ---- real processes: accelerate launch, gloo on CPU ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(num_processes: int, args: list[str], out: Path) -> dict:
+    env = dict(os.environ)
+    env["ACCELERATE_USE_CPU"] = "true"  # gloo on CPU even where GPUs exist; --multi_gpu alone gives no backend on CPU
+    env["OMP_NUM_THREADS"] = "1"  # N processes share the cores; also keeps torchrun from warning
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(GRAD_CHECK), *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def grad_check(tmp_path_factory):
+    """Run (once) one of the `_RUNS` under accelerate launch and return the JSON rank 0 wrote."""
+    results = {}
+
+    def run(name: str) -> dict:
+        if name not in results:
+            num_processes, args = _RUNS[name]
+            results[name] = _launch(num_processes, args, tmp_path_factory.mktemp("loss") / f"{name}.json")
+        return results[name]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_RUNS))
+def test_ddp_gradients_equal_one_process_on_the_global_batch(grad_check, name):
+    num_processes, _ = _RUNS[name]
+    r = grad_check(name)
+    assert (r["world_size"], r["distributed_type"]) == (num_processes, "DistributedType.MULTI_CPU")
+    missing = [k for k, g in r["grads"].items() if "rel_diff" not in g]
+    assert not missing, f"parameters without a gradient (DDP, reference): {missing}"
+    worst = sorted(r["grads"].items(), key=lambda kv: -kv[1]["rel_diff"])[:3]
+    assert r["max_rel_diff"] < RTOL, f"{name}: worst parameters {worst}"
+    # the returned value: dense gives the global loss on every rank, local a share whose mean over ranks is it
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=RTOL)
+    if r["mode"] == "dense":
+        assert len(set(r["losses"])) == 1
+    else:
+        assert len(set(r["losses"])) == num_processes
+
+
+@pytest.mark.slow
+def test_mismatched_local_batch_sizes_raise_a_clear_error(grad_check):
+    error = grad_check("local-2")["mismatch_error"]
+    assert error is not None and "same local batch size" in error and "[8, 6]" in error
