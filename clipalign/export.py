@@ -1,0 +1,328 @@
+"""Hand a trained model to downstream users: an open_clip `local-dir:` directory, optionally with ONNX towers.
+
+An export directory holds
+
+    open_clip_config.json         {"model_cfg", "preprocess_cfg", "model_name"}: what open_clip's local-dir: reads
+    open_clip_model.safetensors   the CLIP state dict (open_clip's key names)
+    README.md                     a short model card
+    image_encoder.onnx            with --onnx: pixels (B, 3, H, W) float -> L2-normalised embedding (B, D)
+    text_encoder.onnx             with --onnx: token ids (B, context_length) int64 -> L2-normalised embedding (B, D)
+
+and loads with `open_clip.create_model_and_transforms("local-dir:DIR")` or `clipalign.load(DIR)`:
+
+    clipalign-export --checkpoint runs/quickstart --out exports/quickstart --onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from clipalign import __version__
+from clipalign.checkpoint import read_trainer_state, resolve_checkpoint
+from clipalign.model import DualEncoder, load, model_config
+from clipalign.tokenizer import tokenize
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"  # the first name open_clip looks for in a local-dir:
+IMAGE_ONNX = "image_encoder.onnx"
+TEXT_ONNX = "text_encoder.onnx"
+ONNX_OPSET = 18
+ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
+ONNX_TOLERANCE = 1e-4  # max abs difference of normalised embeddings, onnxruntime vs PyTorch
+_PROBE_TEXTS = ["a photo of a cat.", "a red circle on a blue background", ""]
+_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit: bigger towers keep their weights in FILE.onnx.data
+
+log = logging.getLogger(__name__)
+
+
+def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: str | os.PathLike,
+                 onnx: bool = False, onnx_exporter: str = "auto") -> Path:
+    """Write an open_clip-loadable export directory (and ONNX towers) for a model or checkpoint.
+
+    The directory is written under a temporary sibling name and renamed into place when complete. An existing
+    `out_dir` is replaced only if it is empty or an earlier export; anything else is an error.
+
+    Args:
+        model_or_checkpoint: a `DualEncoder`, or a checkpoint, run (latest checkpoint) or export directory.
+        out_dir: the export directory.
+        onnx: also export each tower to ONNX and check it against PyTorch with onnxruntime.
+        onnx_exporter: "dynamo" (torch.export), "torchscript" (the legacy tracer) or "auto" (dynamo, falling back
+            to torchscript if dynamo fails).
+
+    Returns:
+        The export directory.
+    """
+    if onnx_exporter not in ONNX_EXPORTERS:
+        raise ValueError(f"onnx_exporter {onnx_exporter!r} is not one of {', '.join(ONNX_EXPORTERS)}")
+    out = Path(out_dir)
+    _check_replaceable(out)
+    model, model_cfg, trainer_state, source = _resolve(model_or_checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # unlike tempfile.mkdtemp's 0700, this keeps the umask's permissions for the final directory
+    try:
+        config = {"model_cfg": model_cfg, "preprocess_cfg": open_clip.get_model_preprocess_cfg(model.clip),
+                  "model_name": model.name}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(_standalone(model.clip.state_dict()), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if hasattr(model.tokenizer, "save_pretrained"):
+            model.tokenizer.save_pretrained(str(tmp))  # open_clip reads HF tokenizers of a local-dir: from the dir
+        _check_tokenizer(model, tmp)
+        onnx_info = _export_onnx(model, tmp, onnx_exporter) if onnx else None
+        (tmp / "README.md").write_text(_model_card(model, model_cfg, trainer_state, source, str(out), onnx_info))
+        _umask_permissions(tmp)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_FILE).is_file())):
+        raise FileExistsError(f"{out} exists and is not an export directory; refusing to replace it")
+
+
+def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict, dict | None, str | None]:
+    """The model, its open_clip config, its trainer state (if it came from a checkpoint) and where it came from."""
+    if isinstance(source, DualEncoder):
+        return source, model_config(source.name), None, None
+    path = Path(source)
+    model = load(path)
+    if (path / CONFIG_FILE).is_file():  # re-exporting an export: its config may name a model not registered here
+        return model, json.loads((path / CONFIG_FILE).read_text())["model_cfg"], None, str(path)
+    ckpt = resolve_checkpoint(path)
+    return model, model_config(model.name), read_trainer_state(ckpt), str(ckpt)
+
+
+def _standalone(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors that own contiguous storage: safetensors refuses shared or strided views."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(ptr)
+        out[key] = tensor
+    return out
+
+
+def _check_tokenizer(model: DualEncoder, export_dir: Path) -> None:
+    """open_clip must rebuild the very tokenizer the model was trained with, or the export is useless."""
+    theirs = open_clip.get_tokenizer(f"local-dir:{export_dir}")
+    ours_ids, theirs_ids = tokenize(model.tokenizer, _PROBE_TEXTS), tokenize(theirs, _PROBE_TEXTS)
+    if not torch.equal(ours_ids, theirs_ids):
+        raise ValueError(f"model {model.name!r}: open_clip.get_tokenizer('local-dir:...') does not reproduce the "
+                         f"model's tokenizer ({type(model.tokenizer).__name__}); it cannot be exported for open_clip")
+
+
+def _umask_permissions(directory: Path) -> None:
+    """Give every file the umask's usual permissions: safetensors writes 0600, too tight for a shared export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():  # an earlier export or an empty directory (checked before the work started)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- ONNX ------------------------------------------------------------------------------------------------------
+
+
+class _ImageTower(nn.Module):
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(pixel_values, normalize=True)  # (B, D)
+
+
+class _TextTower(nn.Module):
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(input_ids, normalize=True)  # (B, D)
+
+
+def _export_onnx(model: DualEncoder, out_dir: Path, exporter: str) -> dict[str, Any]:
+    """Export both towers, check each with onnxruntime on a batch of 3; returns what the model card reports."""
+    clip = copy.deepcopy(model.clip).cpu().float().eval()  # the caller's model keeps its device and mode
+    size = model.image_size
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ids = tokenize(model.tokenizer, _PROBE_TEXTS)
+    info: dict[str, Any] = {"opset": ONNX_OPSET}
+    towers = [("image", _ImageTower(clip), pixels, IMAGE_ONNX, "pixel_values", "image_embeds"),
+              ("text", _TextTower(clip), ids, TEXT_ONNX, "input_ids", "text_embeds")]
+    for kind, tower, example, filename, input_name, output_name in towers:
+        path = out_dir / filename
+        used = _export_tower(tower.eval(), example[:2], path, input_name, output_name, exporter)
+        diff = _check_onnx(path, tower, example)
+        info[kind] = {"file": filename, "exporter": used, "input": input_name, "output": output_name,
+                      "max_abs_diff": diff}
+    return info
+
+
+def _export_tower(tower: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+                  exporter: str) -> str:
+    """Export one tower with a dynamic batch axis; returns the exporter that succeeded."""
+    if exporter in ("auto", "dynamo"):
+        try:
+            big = sum(p.numel() * p.element_size() for p in tower.parameters()) > _EXTERNAL_DATA_BYTES
+            torch.onnx.export(tower, (example,), str(path), input_names=[input_name], output_names=[output_name],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=ONNX_OPSET,
+                              dynamo=True, external_data=big, verbose=False)
+            return "dynamo"
+        except Exception as e:
+            if exporter == "dynamo":
+                raise
+            log.warning("dynamo ONNX export of %s failed (%s: %s); trying the TorchScript exporter",
+                        path.name, type(e).__name__, e)
+            for leftover in (path, path.with_name(path.name + ".data")):
+                leftover.unlink(missing_ok=True)
+    with warnings.catch_warnings():
+        # The tracer warns about every Python-level branch; the onnxruntime check below is what counts.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tower, (example,), str(path), input_names=[input_name], output_names=[output_name],
+                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                          opset_version=ONNX_OPSET, dynamo=False)
+    return "torchscript"
+
+
+@torch.no_grad()
+def _check_onnx(path: str | os.PathLike, tower: nn.Module, example: torch.Tensor,
+               tolerance: float = ONNX_TOLERANCE) -> float:
+    """Run an exported tower with onnxruntime on `example`; returns the max abs difference from PyTorch.
+
+    Raises:
+        RuntimeError: when the difference is `tolerance` or more.
+    """
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    got = torch.from_numpy(session.run(None, {inp.name: example.numpy()})[0])
+    want = tower(example).float()
+    diff = (got - want).abs().max().item()
+    if not diff < tolerance:
+        raise RuntimeError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3g} (tolerance {tolerance:g}) "
+                           f"on a batch of {len(example)}")
+    return diff
+
+
+# ---- model card ------------------------------------------------------------------------------------------------
+
+
+def _model_card(model: DualEncoder, model_cfg: dict, trainer_state: dict | None, source: str | None, dirname: str,
+                onnx_info: dict | None) -> str:
+    context_length = model_cfg.get("text_cfg", {}).get("context_length", 77)
+    params = sum(p.numel() for p in model.clip.parameters())
+    lines = [
+        f"# {model.name} (clipalign export)",
+        "",
+        f"A CLIP-style dual encoder trained with clipalign {__version__}: image and text embeddings share one space "
+        "and are compared by cosine similarity.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| model config | `{model.name}` (in `{CONFIG_FILE}`) |",
+        f"| embedding dim | {model_cfg.get('embed_dim')} |",
+        f"| image size | {model.image_size} px |",
+        f"| context length | {context_length} tokens |",
+        f"| parameters | {params / 1e6:.1f} M |",
+        f"| logit scale | {model.clip.logit_scale.exp().item():.2f} |",
+    ]
+    if trainer_state:
+        lines.append(f"| training steps | {trainer_state.get('step', 'unknown')} |")
+        if "samples_seen" in trainer_state:
+            lines.append(f"| samples seen | {trainer_state['samples_seen']} |")
+    if source:
+        lines.append(f"| exported from | `{source}` |")
+    lines += [
+        "",
+        "## Load with open_clip",
+        "",
+        "```python",
+        "import open_clip",
+        f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{dirname}")',
+        f'tokenizer = open_clip.get_tokenizer("local-dir:{dirname}")',
+        "image_features = model.encode_image(preprocess(image).unsqueeze(0), normalize=True)",
+        'text_features = model.encode_text(tokenizer(["a photo of a cat"]), normalize=True)',
+        "```",
+        "",
+        "## Load with clipalign",
+        "",
+        "```python",
+        "import clipalign",
+        f'model = clipalign.load("{dirname}")',
+        "image_features = model.encode_image(model.preprocess(image).unsqueeze(0))",
+        'text_features = model.encode_text(model.tokenizer(["a photo of a cat"]))',
+        "```",
+    ]
+    if onnx_info:
+        image, text = onnx_info["image"], onnx_info["text"]
+        lines += [
+            "",
+            "## ONNX",
+            "",
+            f"Opset {onnx_info['opset']}, dynamic batch axis; outputs are L2-normalised embeddings. "
+            "Checked against PyTorch with onnxruntime on a batch of 3 at export time.",
+            "",
+            "| file | input | output | exporter | max abs diff |",
+            "| --- | --- | --- | --- | --- |",
+            f"| `{image['file']}` | `{image['input']}` float32 (B, 3, {model.image_size}, {model.image_size}), "
+            f"normalised as `preprocess` does | `{image['output']}` (B, {model_cfg.get('embed_dim')}) "
+            f"| {image['exporter']} | {image['max_abs_diff']:.1e} |",
+            f"| `{text['file']}` | `{text['input']}` int64 (B, {context_length}) from the tokenizer "
+            f"| `{text['output']}` (B, {model_cfg.get('embed_dim')}) | {text['exporter']} "
+            f"| {text['max_abs_diff']:.1e} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`clipalign-export`: write an open_clip `local-dir:` export (and ONNX towers) of a checkpoint."""
+    parser = argparse.ArgumentParser(prog="clipalign-export", description=main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest one)")
+    parser.add_argument("--out", required=True, help="export directory (replaced if it holds an earlier export)")
+    parser.add_argument("--onnx", action="store_true", help="also export image_encoder.onnx and text_encoder.onnx")
+    parser.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default="auto",
+                        help="torch.onnx path: dynamo (torch.export), torchscript (legacy tracer), "
+                             "auto = dynamo with a torchscript fallback")
+    args = parser.parse_args(argv)
+    out = export_model(args.checkpoint, args.out, onnx=args.onnx, onnx_exporter=args.onnx_exporter)
+    print(f"exported {args.checkpoint} -> {out}")
+    for path in sorted(out.iterdir()):
+        print(f"  {path.name:<32}{path.stat().st_size / 1e6:10.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

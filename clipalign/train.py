@@ -1,0 +1,270 @@
+"""Contrastive image-text pretraining: one flat, step-counted loop over Accelerate.
+
+    python -m clipalign.train RECIPE.yaml [section.key=value ...]
+    accelerate launch -m clipalign.train RECIPE.yaml [section.key=value ...]
+    clipalign-train RECIPE.yaml [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from clipalign.checkpoint import latest_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
+from clipalign.config import Config, ConfigError, load_config
+from clipalign.data.shards import expand_urls, make_train_loader
+from clipalign.data.synthetic import make_synthetic_dataset
+from clipalign.loss import build_loss
+from clipalign.model import create_model
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+SKIP_REASONS = ("no_image", "no_caption", "bad_text", "bad_image", "unreadable_tar")
+
+
+def cache_dir(cfg: Config) -> Path:
+    """Where generated data goes: data.cache_dir, else $CLIPALIGN_CACHE, else ~/.cache/clipalign."""
+    return Path(cfg.data.cache_dir or os.environ.get("CLIPALIGN_CACHE") or Path.home() / ".cache" / "clipalign")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on gains, biases, norms and the logit scale (anything below 2-D), as in CLIP."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to 1, then cosine decay to `min_ratio`, as a multiplier of the base lr per step."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _prepare_data(cfg: Config, accelerator: Accelerator, image_size: int) -> None:
+    """Fill in data.train (and eval.zeroshot) from the synthetic set when the recipe asks for it."""
+    if cfg.data.train or not cfg.data.synthetic:
+        return
+    root = cache_dir(cfg) / "synthetic" / f"n{cfg.data.synthetic_samples}-px{image_size}"
+    # one process per machine draws; the others wait and then read the finished set
+    with accelerator.local_main_process_first():
+        ds = make_synthetic_dataset(root, train_samples=cfg.data.synthetic_samples, image_size=image_size)
+    cfg.data.train = ds.train_pattern
+    if not cfg.eval.zeroshot:
+        cfg.eval.zeroshot = str(ds.heldout_dir)
+
+
+def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume == "auto":
+        return latest_checkpoint(run_dir)  # None on a fresh run: start from scratch
+    return resolve_checkpoint(cfg.train.resume)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Config) -> dict:
+    """Run the training described by `cfg`; returns the last logged metrics (and zero-shot results, if any)."""
+    # ---- processes, precision, run directory -------------------------------------------------------------------
+    if cfg.train.accum_steps != 1:
+        raise ConfigError("train.accum_steps: only 1 is supported so far (accumulation that keeps the negatives "
+                          "of the whole accumulated batch is planned); use a smaller data.batch_size per process")
+    run_dir = Path(cfg.train.output_dir)
+    log_with = None if cfg.train.log_with in ("", "none") else cfg.train.log_with
+    # Without an accelerator, Accelerate must be told it runs on CPU; otherwise a multi-process launch on a
+    # CPU-only machine starts torch.distributed but wraps nothing in DDP and gradients are never averaged.
+    accelerator = Accelerator(mixed_precision=_PRECISION[cfg.train.precision], log_with=log_with,
+                              project_dir=str(run_dir), step_scheduler_with_optimizer=False,
+                              cpu=not torch.accelerator.is_available())
+    try:
+        return _train(cfg, accelerator, run_dir, log_with)
+    finally:
+        # closes the process group: a gloo process that exits with it open aborts the whole launch
+        accelerator.end_training()
+
+
+def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str | None) -> dict:
+    set_seed(cfg.train.seed)
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+
+    # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
+    model = create_model(cfg.model)
+    tokenizer = model.tokenizer
+    loss_fn = build_loss(cfg.loss)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw_model = accelerator.unwrap_model(model)
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    _prepare_data(cfg, accelerator, raw_model.image_size)
+    urls = expand_urls(cfg.data.train)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+
+    # ---- resume ------------------------------------------------------------------------------------------------
+    step, samples_seen = 0, 0
+    resume = _resume_from(cfg, run_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        state = read_trainer_state(resume)
+        step, samples_seen = state["step"], state.get("samples_seen", 0)
+        accelerator.print(f"resumed from {resume} at step {step}")
+    # a resumed run draws a fresh stream rather than replaying the samples of its first steps
+    loader = make_train_loader(urls, tokenizer, raw_model.image_size, cfg.data.batch_size, cfg.data.workers,
+                               seed=cfg.train.seed * 1_000_003 + step, resampled=cfg.data.resampled,
+                               shuffle_buffer=cfg.data.shuffle_buffer, crop_scale=cfg.data.train_crop_scale,
+                               pin_memory=accelerator.device.type == "cuda")
+    batches = iter(loader)
+
+    # ---- logging -----------------------------------------------------------------------------------------------
+    if log_with:
+        accelerator.init_trackers("tensorboard", config=_flat(cfg.to_dict()))
+    metrics_path = run_dir / "metrics.jsonl"
+    global_batch = cfg.data.batch_size * world
+    skipped_total: Counter[str] = Counter()
+    window_skipped = torch.zeros(len(SKIP_REASONS), device=accelerator.device)
+    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+    last: dict = {}
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    model.train()
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        images = batch["images"].to(accelerator.device, non_blocking=True)
+        texts = batch["texts"].to(accelerator.device, non_blocking=True)
+        window_wait += time.perf_counter() - t0
+        for i, reason in enumerate(SKIP_REASONS):
+            window_skipped[i] += batch["skipped"].get(reason, 0)
+
+        with accelerator.autocast():
+            out = model(images, texts)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        accelerator.backward(loss)
+        if cfg.optim.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        raw_model.clamp_logit_scale()
+        step += 1
+        samples_seen += global_batch
+        window_steps += 1
+        bar.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            skipped_now = accelerator.reduce(window_skipped, reduction="sum").tolist()
+            window_skipped.zero_()
+            skipped_total.update({r: int(n) for r, n in zip(SKIP_REASONS, skipped_now) if n})
+            elapsed = time.perf_counter() - window_start
+            last = {
+                "step": step,
+                "samples": samples_seen,
+                "loss": round(loss_mean, 5),
+                "logit_scale": round(raw_model.logit_scale.exp().item(), 4),
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": round(global_batch * window_steps / elapsed, 2),
+                "data_wait": round(window_wait / elapsed, 4),
+                "skipped": dict(skipped_total),
+            }
+            if main:
+                _append_jsonl(metrics_path, last)
+                bar.set_postfix(loss=f"{loss_mean:.3f}", scale=f"{last['logit_scale']:.1f}",
+                                sps=f"{last['samples_per_s']:.0f}")
+            if log_with:
+                accelerator.log({k: v for k, v in last.items() if k != "skipped"}, step=step)
+            window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+            if not math.isfinite(loss_mean):
+                raise FloatingPointError(f"loss is {loss_mean} at step {step}; lower optim.lr or use fp32")
+
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+            save_checkpoint(accelerator, run_dir, step, cfg, {"samples_seen": samples_seen},
+                            keep=cfg.train.keep_checkpoints)
+    bar.close()
+
+    # ---- end: checkpoint, zero-shot, export --------------------------------------------------------------------
+    final = save_checkpoint(accelerator, run_dir, step, cfg, {"samples_seen": samples_seen},
+                            keep=cfg.train.keep_checkpoints)
+    summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(skipped_total),
+               "loss": last.get("loss")}
+    if main:
+        summary.update(_evaluate_and_export(cfg, raw_model, final, metrics_path))
+        accelerator.print(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _evaluate_and_export(cfg: Config, model, checkpoint: Path, metrics_path: Path) -> dict:
+    from clipalign.evaluate import read_lines, zero_shot_classification
+    from clipalign.export import export_model
+
+    out: dict = {}
+    if cfg.eval.zeroshot:
+        classnames = read_lines(cfg.eval.classnames) if cfg.eval.classnames else None
+        templates = read_lines(cfg.eval.templates) if cfg.eval.templates else None
+        result = zero_shot_classification(model, cfg.eval.zeroshot, classnames=classnames, templates=templates,
+                                          batch_size=cfg.eval.batch_size, progress=False)
+        _append_jsonl(metrics_path, {"step": read_trainer_state(checkpoint)["step"], "zeroshot": result})
+        out["zeroshot"] = result
+    if cfg.export.dir:
+        out["export"] = str(export_model(checkpoint, cfg.export.dir, onnx=cfg.export.onnx))
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="clipalign-train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Overrides are section.key=value, e.g. train.steps=100 optim.lr=1e-3")
+    parser.add_argument("recipe", help="YAML recipe (sections data, model, loss, optim, train, eval, export)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        parser.exit(2, f"clipalign-train: error: {e}\n")
+    train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

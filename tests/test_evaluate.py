@@ -1,0 +1,125 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from clipalign.checkpoint import save_checkpoint
+from clipalign.config import Config, ModelConfig
+from clipalign.evaluate import DEFAULT_TEMPLATES, main, zero_shot_classification, zero_shot_classifier
+from clipalign.model import create_model
+
+COLOURS = {"blue": (30, 60, 220), "green": (40, 190, 60), "light_red": (240, 110, 100),
+           "yellow": (230, 220, 40), "purple": (130, 40, 160)}
+
+
+def _image_folder(root: Path, classes: list[str], per_class: int) -> Path:
+    """Solid-colour PNGs, a little shade and noise apart so no two images are the same."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 12, (48, 48, 3)) + 8 * i, 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model(ModelConfig(name="tiny-vit-64")).eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _image_folder(tmp_path_factory.mktemp("colours"), ["blue", "green", "light_red"], per_class=4)
+
+
+def test_classifier_is_the_renormalised_mean_of_normalised_prompt_embeddings(model):
+    names, templates = ["red", "green", "blue"], ["a {}.", "a photo of a {} thing."]
+    weights = zero_shot_classifier(model, names, templates, batch_size=4)  # 6 prompts over two batches
+    assert weights.shape == (128, 3)
+    torch.testing.assert_close(weights.norm(dim=0), torch.ones(3))
+    with torch.no_grad():
+        per_prompt = torch.nn.functional.normalize(model.encode_text(model.tokenizer(["a green.",
+                                                                                      "a photo of a green thing."]),
+                                                                     normalize=False), dim=-1)
+    torch.testing.assert_close(weights[:, 1], torch.nn.functional.normalize(per_prompt.mean(0), dim=0))
+    with pytest.raises(ValueError, match="no placeholder"):
+        zero_shot_classifier(model, names, ["no placeholder"])
+
+
+def test_top1_and_recall_match_a_direct_computation(model, folder):
+    model.train()
+    result = zero_shot_classification(model, folder, batch_size=5, progress=False)  # 12 images in 3 batches
+    assert model.training  # the caller's mode is restored
+    model.eval()
+    assert set(result) == {"top1", "mean_per_class_recall", "num_images", "num_classes", "chance"}  # < 5 classes
+    assert result["num_images"] == 12 and result["num_classes"] == 3
+    assert result["chance"] == pytest.approx(1 / 3)
+
+    dataset = ImageFolder(str(folder), transform=model.preprocess)
+    classifier = zero_shot_classifier(model, ["blue", "green", "light red"], DEFAULT_TEMPLATES)
+    with torch.no_grad():
+        images = torch.stack([image for image, _ in dataset])
+        predicted = (model.encode_image(images) @ classifier).argmax(dim=1)
+    labels = torch.tensor(dataset.targets)
+    assert result["top1"] == pytest.approx((predicted == labels).float().mean().item())
+    recall = [(predicted[labels == c] == c).float().mean().item() for c in range(3)]
+    assert result["mean_per_class_recall"] == pytest.approx(sum(recall) / 3)
+
+
+def test_top5_reported_from_five_classes(model, tmp_path):
+    folder = _image_folder(tmp_path / "five", list(COLOURS), per_class=1)
+    result = zero_shot_classification(model, folder, templates=["{}"], progress=False)
+    assert result["num_classes"] == 5 and result["top5"] == 1.0
+    assert result["chance"] == pytest.approx(0.2)
+
+
+def test_classnames_and_templates_files_in_the_folder_are_used(model, tmp_path):
+    folder = _image_folder(tmp_path / "data", ["blue", "green", "light_red"], per_class=1)
+    (folder / "templates.txt").write_text("a photo of {}\nmissing the slot\n")
+    with pytest.raises(ValueError, match="missing the slot"):
+        zero_shot_classification(model, folder, progress=False)
+    (folder / "templates.txt").write_text("a photo of {}\n")
+    (folder / "classnames.txt").write_text("blue\ngreen\n")
+    with pytest.raises(ValueError, match=r"classnames.txt: 2 class names for 3 class folders"):
+        zero_shot_classification(model, folder, progress=False)
+    with pytest.raises(ValueError, match="4 class names for 3 class folders"):
+        zero_shot_classification(model, folder, classnames=["a", "b", "c", "d"], progress=False)
+    (folder / "classnames.txt").write_text("navy\nlime\n\ncoral\n")  # blank lines are skipped
+    assert zero_shot_classification(model, folder, progress=False)["num_classes"] == 3
+
+
+def test_missing_or_empty_folder_is_a_clear_error(model, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        zero_shot_classification(model, tmp_path / "nowhere")
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        zero_shot_classification(model, tmp_path / "empty")
+
+
+def test_cli_scores_a_checkpoint_and_writes_json(model, folder, tmp_path, capsys):
+    cfg = Config()
+    cfg.model.name = "tiny-vit-64"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        accelerator.prepare(model)  # save_state only writes models that went through prepare
+        save_checkpoint(accelerator, tmp_path / "run", 5, cfg, {"samples_seen": 40})
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    (tmp_path / "names.txt").write_text("blue\ngreen\nlight red\n")
+    out = tmp_path / "eval" / "zeroshot.json"
+    main(["--model", str(tmp_path / "run"), "--data", str(folder), "--classnames", str(tmp_path / "names.txt"),
+          "--output", str(out), "--batch-size", "8", "--device", "cpu", "--no-progress"])
+    written = json.loads(out.read_text())
+    assert written["num_images"] == 12 and written["num_classes"] == 3
+    expected = zero_shot_classification(model, folder, progress=False)
+    assert written["top1"] == pytest.approx(expected["top1"])
+    assert "top1" in capsys.readouterr().out
