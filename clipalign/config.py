@@ -71,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
     log_with: str = "tensorboard"  # an Accelerate tracker name, or "none"
+    cpu_threads: int = 0  # torch threads per process on CPU; 0 = the available cores / processes on this machine
 
 
 @dataclass

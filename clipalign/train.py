@@ -37,6 +37,17 @@ def cache_dir(cfg: Config) -> Path:
     return Path(cfg.data.cache_dir or os.environ.get("CLIPALIGN_CACHE") or Path.home() / ".cache" / "clipalign")
 
 
+def cpu_threads(requested: int = 0) -> int:
+    """Torch threads for a CPU process: `requested`, else the available cores shared by this machine's processes.
+
+    `accelerate launch` without `--cpu` exports OMP_NUM_THREADS=1, which would leave all cores but one idle.
+    """
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on gains, biases, norms and the logit scale (anything below 2-D), as in CLIP."""
     decay, no_decay = [], []
@@ -107,6 +118,8 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str | None) -> dict:
     set_seed(cfg.train.seed)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     main = accelerator.is_main_process
     world = accelerator.num_processes
 
