@@ -34,7 +34,7 @@ from torch import nn
 
 from clipalign import __version__
 from clipalign.checkpoint import read_trainer_state, resolve_checkpoint
-from clipalign.model import DualEncoder, load, model_config
+from clipalign.model import DualEncoder, load
 from clipalign.tokenizer import tokenize
 
 CONFIG_FILE = "open_clip_config.json"
@@ -101,13 +101,13 @@ def _check_replaceable(out: Path) -> None:
 def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict, dict | None, str | None]:
     """The model, its open_clip config, its trainer state (if it came from a checkpoint) and where it came from."""
     if isinstance(source, DualEncoder):
-        return source, model_config(source.name), None, None
+        return source, source.open_clip_config(), None, None
     path = Path(source)
     model = load(path)
     if (path / CONFIG_FILE).is_file():  # re-exporting an export: its config may name a model not registered here
         return model, json.loads((path / CONFIG_FILE).read_text())["model_cfg"], None, str(path)
     ckpt = resolve_checkpoint(path)
-    return model, model_config(model.name), read_trainer_state(ckpt), str(ckpt)
+    return model, model.open_clip_config(), read_trainer_state(ckpt), str(ckpt)
 
 
 def _standalone(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

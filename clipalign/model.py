@@ -7,6 +7,7 @@ in `clipalign/model_configs/`, which are registered with open_clip on import.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -25,6 +26,8 @@ from clipalign.model_configs import MODEL_CONFIG_DIR  # noqa: F401  (registers o
 from clipalign.tokenizer import build_tokenizer
 
 LOGIT_SCALE_MAX = 100.0  # CLIP clamps the temperature multiplier here to keep training stable
+# SigLIP starts from scale 10 and bias -10 (its paper's init): most pairs are negatives, so begin near "no match"
+SIGMOID_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 WEIGHTS_FILE = "model.safetensors"  # what Accelerate's save_state writes for the first prepared model
 
 
@@ -65,11 +68,21 @@ class DualEncoder(nn.Module):
         return self.clip.encode_text(token_ids, normalize=normalize)
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             "image_features": self.encode_image(images),  # (B_local, D)
             "text_features": self.encode_text(texts),  # (B_local, D)
             "logit_scale": self.clip.logit_scale.exp(),
         }
+        if self.clip.logit_bias is not None:
+            out["logit_bias"] = self.clip.logit_bias
+        return out
+
+    def open_clip_config(self) -> dict:
+        """The open_clip model config that rebuilds this model (with its logit bias, if it has one)."""
+        cfg = copy.deepcopy(model_config(self.name))
+        if self.clip.logit_bias is not None:
+            cfg["init_logit_bias"] = SIGMOID_INIT["init_logit_bias"]
+        return cfg
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -108,11 +121,15 @@ def model_config(name: str) -> dict:
     return cfg
 
 
-def create_model(cfg: ModelConfig) -> DualEncoder:
-    """A randomly initialised dual encoder (logit scale starts at 1/0.07, as in CLIP)."""
+def create_model(cfg: ModelConfig, loss_kind: str = "contrastive") -> DualEncoder:
+    """A randomly initialised dual encoder for a loss kind.
+
+    contrastive: logit scale starts at 1/0.07, as in CLIP; sigmoid: scale 10 and a learnable logit bias at -10.
+    """
     model_config(cfg.name)  # validates the name with a readable error
+    init = SIGMOID_INIT if loss_kind == "sigmoid" else {}
     with _quiet_random_init():
-        clip = open_clip.create_model(cfg.name, pretrained=None, output_dict=True)
+        clip = open_clip.create_model(cfg.name, pretrained=None, output_dict=True, **init)
     if cfg.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     model = DualEncoder(clip, cfg.name, tokenizer=build_tokenizer(cfg.name))
@@ -139,7 +156,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEnc
     else:
         ckpt = resolve_checkpoint(path)
         cfg = read_config(ckpt / "config.yaml")
-        model = create_model(cfg.model)
+        model = create_model(cfg.model, cfg.loss.kind)
         weights = ckpt / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: no model weights in this checkpoint")

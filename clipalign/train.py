@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from clipalign.accumulate import forward_backward
 from clipalign.checkpoint import latest_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
 from clipalign.config import Config, ConfigError, load_config
 from clipalign.data.shards import expand_urls, make_train_loader
@@ -99,9 +100,8 @@ def _append_jsonl(path: Path, record: dict) -> None:
 def train(cfg: Config) -> dict:
     """Run the training described by `cfg`; returns the last logged metrics (and zero-shot results, if any)."""
     # ---- processes, precision, run directory -------------------------------------------------------------------
-    if cfg.train.accum_steps != 1:
-        raise ConfigError("train.accum_steps: only 1 is supported so far (accumulation that keeps the negatives "
-                          "of the whole accumulated batch is planned); use a smaller data.batch_size per process")
+    if cfg.train.accum_steps < 1:
+        raise ConfigError(f"train.accum_steps must be at least 1, got {cfg.train.accum_steps}")
     run_dir = Path(cfg.train.output_dir)
     log_with = None if cfg.train.log_with in ("", "none") else cfg.train.log_with
     # Without an accelerator, Accelerate must be told it runs on CPU; otherwise a multi-process launch on a
@@ -124,7 +124,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     world = accelerator.num_processes
 
     # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, cfg.loss.kind)
     tokenizer = model.tokenizer
     loss_fn = build_loss(cfg.loss)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -160,7 +160,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     if log_with:
         accelerator.init_trackers("tensorboard", config=_flat(cfg.to_dict()))
     metrics_path = run_dir / "metrics.jsonl"
-    global_batch = cfg.data.batch_size * world
+    global_batch = cfg.data.batch_size * world * cfg.train.accum_steps  # samples per optimizer step
     skipped_total: Counter[str] = Counter()
     window_skipped = torch.zeros(len(SKIP_REASONS), device=accelerator.device)
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
@@ -171,17 +171,17 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     model.train()
     while step < cfg.train.steps:
         t0 = time.perf_counter()
-        batch = next(batches)
-        images = batch["images"].to(accelerator.device, non_blocking=True)
-        texts = batch["texts"].to(accelerator.device, non_blocking=True)
+        micro_batches = []
+        for _ in range(cfg.train.accum_steps):
+            batch = next(batches)
+            micro_batches.append((batch["images"].to(accelerator.device, non_blocking=True),
+                                  batch["texts"].to(accelerator.device, non_blocking=True)))
+            for i, reason in enumerate(SKIP_REASONS):
+                window_skipped[i] += batch["skipped"].get(reason, 0)
         window_wait += time.perf_counter() - t0
-        for i, reason in enumerate(SKIP_REASONS):
-            window_skipped[i] += batch["skipped"].get(reason, 0)
 
-        with accelerator.autocast():
-            out = model(images, texts)
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        accelerator.backward(loss)
+        # accumulated micro-batches are scored together: negatives come from the whole accumulated batch
+        loss = forward_backward(model, loss_fn, micro_batches, accelerator)
         if cfg.optim.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
