@@ -42,9 +42,11 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "contrastive"  # contrastive | sigmoid
-    mode: str = "local"  # contrastive: dense | local
-    label_smoothing: float = 0.0
+    kind: str = "contrastive"  # contrastive (InfoNCE) | sigmoid (SigLIP); never inferred from the model name
+    mode: str = "local"  # contrastive: dense | local | tiled
+    tile_size: int = 4096  # tiled: columns of the similarity matrix held at once
+    label_smoothing: float = 0.0  # contrastive only
+    exchange: str = "ring"  # sigmoid: how negatives of other processes arrive, ring (neighbour to neighbour) | gather
 
 
 @dataclass
@@ -71,12 +73,15 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
     log_with: str = "tensorboard"  # an Accelerate tracker name, or "none"
+    max_nonfinite: int = 10  # stop after more than this many steps in a row with a non-finite loss (each is skipped)
+    peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0 = look up known GPUs (bf16/fp16 dense)
     cpu_threads: int = 0  # torch threads per process on CPU; 0 = the available cores / processes on this machine
 
 
 @dataclass
 class EvalConfig:
-    zeroshot: str = ""  # an ImageFolder to score zero-shot at the end of training
+    zeroshot: str = ""  # an ImageFolder to score zero-shot at the end of training (and every `every` steps)
+    every: int = 0  # steps between zero-shot evaluations during training; 0 = only at the end
     classnames: str = ""  # file with one class name per line (default: folder names, "_" read as space)
     templates: str = ""  # file with one prompt template per line, "{}" standing for the class name
     batch_size: int = 128
@@ -112,7 +117,8 @@ class Config:
 
 _CHOICES = {
     ("loss", "kind"): ("contrastive", "sigmoid"),
-    ("loss", "mode"): ("dense", "local"),
+    ("loss", "mode"): ("dense", "local", "tiled"),
+    ("loss", "exchange"): ("ring", "gather"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
 }
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from clipalign.accumulate import forward_backward
@@ -164,6 +166,9 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     skipped_total: Counter[str] = Counter()
     window_skipped = torch.zeros(len(SKIP_REASONS), device=accelerator.device)
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+    step_flops = None  # FLOPs of one optimizer step over all processes, counted on the first step
+    peak_tflops = cfg.train.peak_tflops or _known_peak_tflops(accelerator.device, cfg.train.precision)
+    nonfinite_total = nonfinite_run = 0
     last: dict = {}
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
 
@@ -180,8 +185,26 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 window_skipped[i] += batch["skipped"].get(reason, 0)
         window_wait += time.perf_counter() - t0
 
-        # accumulated micro-batches are scored together: negatives come from the whole accumulated batch
-        loss = forward_backward(model, loss_fn, micro_batches, accelerator)
+        # accumulated micro-batches are scored together: negatives come from the whole accumulated batch;
+        # the first step also counts the FLOPs of a step, for the MFU estimate
+        with FlopCounterMode(display=False) if step_flops is None else contextlib.nullcontext() as counter:
+            loss = forward_backward(model, loss_fn, micro_batches, accelerator)
+        if step_flops is None:
+            step_flops = counter.get_total_flops() * world
+        samples_seen += global_batch
+
+        # a non-finite loss skips the update on every process (they must agree, or DDP pairs different steps)
+        if accelerator.reduce(torch.isfinite(loss).float(), reduction="sum").item() < world:
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_total += 1
+            nonfinite_run += 1
+            if nonfinite_run > cfg.train.max_nonfinite:
+                raise FloatingPointError(
+                    f"the loss was not finite for {nonfinite_run} steps in a row (after step {step}); stopping. "
+                    f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. Resume from it with "
+                    "train.resume=auto and a lower optim.lr, optim.grad_clip, or train.precision=fp32/bf16")
+            continue
+        nonfinite_run = 0
         if cfg.optim.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -189,7 +212,6 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         optimizer.zero_grad(set_to_none=True)
         raw_model.clamp_logit_scale()
         step += 1
-        samples_seen += global_batch
         window_steps += 1
         bar.update(1)
 
@@ -199,6 +221,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             window_skipped.zero_()
             skipped_total.update({r: int(n) for r, n in zip(SKIP_REASONS, skipped_now) if n})
             elapsed = time.perf_counter() - window_start
+            tflops = step_flops * window_steps / elapsed / 1e12  # achieved, all processes together
             last = {
                 "step": step,
                 "samples": samples_seen,
@@ -207,8 +230,12 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": round(global_batch * window_steps / elapsed, 2),
                 "data_wait": round(window_wait / elapsed, 4),
+                "tflops": round(tflops, 4),
+                "nonfinite_steps": nonfinite_total,
                 "skipped": dict(skipped_total),
             }
+            if peak_tflops:
+                last["mfu"] = round(tflops / (peak_tflops * world), 4)
             if main:
                 _append_jsonl(metrics_path, last)
                 bar.set_postfix(loss=f"{loss_mean:.3f}", scale=f"{last['logit_scale']:.1f}",
@@ -216,8 +243,15 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             if log_with:
                 accelerator.log({k: v for k, v in last.items() if k != "skipped"}, step=step)
             window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-            if not math.isfinite(loss_mean):
-                raise FloatingPointError(f"loss is {loss_mean} at step {step}; lower optim.lr or use fp32")
+
+        if cfg.eval.zeroshot and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+            if main:
+                result = _zero_shot(cfg, raw_model)
+                _append_jsonl(metrics_path, {"step": step, "zeroshot": result})
+                if log_with:
+                    accelerator.log({f"zeroshot/{k}": v for k, v in result.items()}, step=step)
+            accelerator.wait_for_everyone()
+            window_start = time.perf_counter()  # evaluation time is not training time
 
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
             save_checkpoint(accelerator, run_dir, step, cfg, {"samples_seen": samples_seen},
@@ -237,21 +271,37 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     return summary
 
 
-def _evaluate_and_export(cfg: Config, model, checkpoint: Path, metrics_path: Path) -> dict:
+def _zero_shot(cfg: Config, model) -> dict:
     from clipalign.evaluate import read_lines, zero_shot_classification
+
+    classnames = read_lines(cfg.eval.classnames) if cfg.eval.classnames else None
+    templates = read_lines(cfg.eval.templates) if cfg.eval.templates else None
+    return zero_shot_classification(model, cfg.eval.zeroshot, classnames=classnames, templates=templates,
+                                    batch_size=cfg.eval.batch_size, progress=False)
+
+
+def _evaluate_and_export(cfg: Config, model, checkpoint: Path, metrics_path: Path) -> dict:
     from clipalign.export import export_model
 
     out: dict = {}
     if cfg.eval.zeroshot:
-        classnames = read_lines(cfg.eval.classnames) if cfg.eval.classnames else None
-        templates = read_lines(cfg.eval.templates) if cfg.eval.templates else None
-        result = zero_shot_classification(model, cfg.eval.zeroshot, classnames=classnames, templates=templates,
-                                          batch_size=cfg.eval.batch_size, progress=False)
-        _append_jsonl(metrics_path, {"step": read_trainer_state(checkpoint)["step"], "zeroshot": result})
-        out["zeroshot"] = result
+        out["zeroshot"] = _zero_shot(cfg, model)
+        _append_jsonl(metrics_path, {"step": read_trainer_state(checkpoint)["step"], "zeroshot": out["zeroshot"]})
     if cfg.export.dir:
         out["export"] = str(export_model(checkpoint, cfg.export.dir, onnx=cfg.export.onnx))
     return out
+
+
+# dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name, for the MFU estimate; train.peak_tflops overrides
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0,
+                "RTX 4090": 165.0, "V100": 125.0}
+
+
+def _known_peak_tflops(device: torch.device, precision: str) -> float:
+    if device.type != "cuda" or precision == "fp32":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_TFLOPS.items() if key in name), 0.0)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import clipalign
 from clipalign.checkpoint import list_checkpoints, read_trainer_state
@@ -90,6 +91,29 @@ def test_two_processes_train_and_resume(tmp_path):
     assert [m["step"] for m in steps] == [2, 4, 6]
     assert steps[-1]["samples"] == 6 * 32
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skips_steps_then_stops_naming_the_last_checkpoint(tmp_path):
+    """Weights poisoned with NaN make every loss non-finite: steps are skipped and counted, then the run stops."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "clipalign.train", str(QUICKSTART), *SMALL, f"train.output_dir={run}",
+            "export.dir=", "eval.zeroshot=", "train.log_with=none"]
+    first = subprocess.run([*base, "train.steps=2"], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights = run / "checkpoints" / "step_00000002" / "model.safetensors"
+    state = load_file(weights)
+    state["clip.logit_scale"] = torch.full_like(state["clip.logit_scale"], float("nan"))
+    save_file(state, weights)
+
+    second = subprocess.run([*base, "train.steps=8", "train.resume=auto", "train.max_nonfinite=2"], env=_env(tmp_path),
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode != 0
+    assert "the loss was not finite for 3 steps in a row (after step 2)" in second.stderr
+    assert "Last good checkpoint: " + str(run / "checkpoints" / "step_00000002") in second.stderr
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000002"]  # nothing was saved from the bad steps
 
 
 def test_console_script_help():
