@@ -27,7 +27,10 @@ class DataConfig:
     batch_size: int = 256  # per process
     workers: int = 4  # DataLoader workers per process
     shuffle_buffer: int = 1000  # samples held for shuffling, per worker
-    resampled: bool = True  # draw shards with replacement (an endless stream); False = passes over the shards
+    weights: list[float] = field(default_factory=list)  # sampling weight per `::` source (resampled); [] = equal
+    resampled: bool = True  # draw shards with replacement (an endless stream); False = exact passes over the shards
+    num_samples: int = 0  # samples in one pass over data.train, to log epochs; 0 = unknown
+    log_keys: bool = False  # write the sample keys of every step to RUN/keys/rank<R>.jsonl (an audit of data order)
     train_crop_scale: float = 0.9  # RandomResizedCrop lower scale bound (open_clip's default); 1.0 = resize + crop
     synthetic: bool = False  # draw a synthetic captioned data set into the cache when `train` is empty
     synthetic_samples: int = 12000  # training samples of the synthetic set

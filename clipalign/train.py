@@ -14,19 +14,20 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from clipalign.accumulate import forward_backward
 from clipalign.checkpoint import latest_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
 from clipalign.config import Config, ConfigError, load_config
-from clipalign.data.shards import expand_urls, make_train_loader
+from clipalign.data.shards import expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
 from clipalign.loss import build_loss
 from clipalign.model import create_model
@@ -94,7 +95,33 @@ def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
     return resolve_checkpoint(cfg.train.resume)
 
 
+def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, cfg: Config, state: dict) -> Path:
+    return save_checkpoint(accelerator, run_dir, step, cfg, state, keep=cfg.train.keep_checkpoints)
+
+
+def _trainer_state(accelerator: Accelerator, samples_seen: int, positions: dict[int, tuple[int, int]],
+                   streams: int) -> dict:
+    """What a checkpoint records beyond Accelerate's state: samples seen and every data stream's position."""
+    merged: dict[str, list[int]] = {}
+    for part in gather_object([positions]):  # one dict per process
+        merged.update({str(stream): list(pos) for stream, pos in part.items()})
+    return {"samples_seen": samples_seen, "data": {"streams": streams, "positions": merged}}
+
+
+def _data_start(state: dict, streams: int) -> dict[int, tuple[int, int]]:
+    """Resume positions of the exact-pass streams, if the checkpoint's streams match this run's."""
+    data = state.get("data") or {}
+    if not data.get("positions"):
+        return {}
+    if data.get("streams") != streams:
+        warnings.warn(f"the checkpoint's data position covers {data.get('streams')} streams (processes x workers) "
+                      f"but this run has {streams}; the exact pass restarts from its beginning", stacklevel=2)
+        return {}
+    return {int(k): tuple(v) for k, v in data["positions"].items()}
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -138,25 +165,32 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
 
     # ---- data ---------------------------------------------------------------------------------------------------
     _prepare_data(cfg, accelerator, raw_model.image_size)
-    urls = expand_urls(cfg.data.train)
+    sources = expand_sources(cfg.data.train)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
 
     # ---- resume ------------------------------------------------------------------------------------------------
-    step, samples_seen = 0, 0
+    step, samples_seen, state = 0, 0, {}
     resume = _resume_from(cfg, run_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
         state = read_trainer_state(resume)
         step, samples_seen = state["step"], state.get("samples_seen", 0)
         accelerator.print(f"resumed from {resume} at step {step}")
-    # a resumed run draws a fresh stream rather than replaying the samples of its first steps
-    loader = make_train_loader(urls, tokenizer, raw_model.image_size, cfg.data.batch_size, cfg.data.workers,
-                               seed=cfg.train.seed * 1_000_003 + step, resampled=cfg.data.resampled,
-                               shuffle_buffer=cfg.data.shuffle_buffer, crop_scale=cfg.data.train_crop_scale,
-                               pin_memory=accelerator.device.type == "cuda")
+    streams = world * max(1, cfg.data.workers)
+    if cfg.data.resampled:
+        # an endless random stream has no position to return to: a resumed run draws a fresh one, seeded by the step
+        stream_args = {"seed": cfg.train.seed * 1_000_003 + step, "weights": cfg.data.weights}
+    else:
+        # exact passes replay the same shard permutations and continue each worker where it stopped
+        stream_args = {"seed": cfg.train.seed, "start": _data_start(state, streams)}
+    loader = make_train_loader(sources, tokenizer, raw_model.image_size, cfg.data.batch_size, cfg.data.workers,
+                               resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
+                               crop_scale=cfg.data.train_crop_scale, pin_memory=accelerator.device.type == "cuda",
+                               **stream_args)
     batches = iter(loader)
+    positions: dict[int, tuple[int, int]] = {}  # stream -> (epoch, emitted) of the last batch consumed
 
     # ---- logging -----------------------------------------------------------------------------------------------
     if log_with:
@@ -176,13 +210,16 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     model.train()
     while step < cfg.train.steps:
         t0 = time.perf_counter()
-        micro_batches = []
+        micro_batches, step_keys = [], []
         for _ in range(cfg.train.accum_steps):
             batch = next(batches)
             micro_batches.append((batch["images"].to(accelerator.device, non_blocking=True),
                                   batch["texts"].to(accelerator.device, non_blocking=True)))
             for i, reason in enumerate(SKIP_REASONS):
                 window_skipped[i] += batch["skipped"].get(reason, 0)
+            stream, epoch, emitted = batch["position"]
+            positions[stream] = (epoch, emitted)
+            step_keys.extend(batch["keys"])
         window_wait += time.perf_counter() - t0
 
         # accumulated micro-batches are scored together: negatives come from the whole accumulated batch;
@@ -212,6 +249,9 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         optimizer.zero_grad(set_to_none=True)
         raw_model.clamp_logit_scale()
         step += 1
+        if cfg.data.log_keys:
+            keys_path = run_dir / "keys" / f"rank{accelerator.process_index}.jsonl"
+            _append_jsonl(keys_path, {"step": step, "keys": step_keys})
         window_steps += 1
         bar.update(1)
 
@@ -225,6 +265,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             last = {
                 "step": step,
                 "samples": samples_seen,
+                **({"epoch": round(samples_seen / cfg.data.num_samples, 4)} if cfg.data.num_samples else {}),
                 "loss": round(loss_mean, 5),
                 "logit_scale": round(raw_model.logit_scale.exp().item(), 4),
                 "lr": scheduler.get_last_lr()[0],
@@ -254,13 +295,11 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             window_start = time.perf_counter()  # evaluation time is not training time
 
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-            save_checkpoint(accelerator, run_dir, step, cfg, {"samples_seen": samples_seen},
-                            keep=cfg.train.keep_checkpoints)
+            _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams))
     bar.close()
 
     # ---- end: checkpoint, zero-shot, export --------------------------------------------------------------------
-    final = save_checkpoint(accelerator, run_dir, step, cfg, {"samples_seen": samples_seen},
-                            keep=cfg.train.keep_checkpoints)
+    final = _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams))
     summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(skipped_total),
                "loss": last.get("loss")}
     if main:

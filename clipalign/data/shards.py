@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,16 +24,19 @@ from torch.utils.data import DataLoader, IterableDataset
 from clipalign.data.transforms import decode_image, train_transform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# salts that keep a worker's random streams apart (integers: make_seed hashes its arguments, and str hashes are
+# salted per interpreter, which would break reproducibility)
+_MIX = 1
 
 
-def expand_urls(spec: str) -> list[str]:
-    """Expand a shard spec: brace patterns, several sources joined by `::`; local paths must exist.
+def expand_sources(spec: str) -> list[list[str]]:
+    """Expand a shard spec into one URL list per source: brace patterns, sources joined by `::`.
 
-    `pipe:` and URL sources (`s3://`, `https://`, ...) are passed through unchecked.
+    Local paths must exist; `pipe:` and URL sources (`s3://`, `https://`, ...) are passed through unchecked.
     """
     if not spec or not spec.strip():
         raise ValueError("data.train is empty: give a shard pattern such as /data/cc3m/{00000..00331}.tar")
-    urls: list[str] = []
+    sources = []
     for source in spec.split("::"):
         source = source.strip()
         expanded = list(braceexpand.braceexpand(source))
@@ -41,8 +45,13 @@ def expand_urls(spec: str) -> list[str]:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise FileNotFoundError(f"data.train source {source!r}: {len(missing)} of {len(expanded)} shards "
                                     f"do not exist: {shown}")
-        urls.extend(expanded)
-    return urls
+        sources.append(expanded)
+    return sources
+
+
+def expand_urls(spec: str) -> list[str]:
+    """All shard URLs of a spec, sources concatenated (see `expand_sources`)."""
+    return [url for source in expand_sources(spec) for url in source]
 
 
 def _is_local(url: str) -> bool:
@@ -103,15 +112,20 @@ def _image_bytes(sample: dict[str, Any]) -> bytes | None:
 
 
 def decode_samples(samples, transform: Callable, image_size: int, counter: SkipCounter,
-                   rng: random.Random) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Raw tar samples -> (key, uint8 image, caption); a sample that cannot be used is skipped and counted."""
+                   sample_seed: Callable[[str], int]) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Raw tar samples -> (key, uint8 image, caption); a sample that cannot be used is skipped and counted.
+
+    `sample_seed(key)` seeds the sample's random choices (which caption of several, the random crop), so they depend
+    on the sample and the pass, not on which worker met it when: a resumed run draws the same ones.
+    """
     for sample in samples:
         data = _image_bytes(sample)
         if data is None:
             counter.skip("no_image")
             continue
+        seed = sample_seed(sample["__key__"])
         try:
-            caption = caption_of(sample, rng)
+            caption = caption_of(sample, random.Random(seed))
         except (UnicodeDecodeError, ValueError):
             counter.skip("bad_text")
             continue
@@ -119,81 +133,141 @@ def decode_samples(samples, transform: Callable, image_size: int, counter: SkipC
             counter.skip("no_caption")
             continue
         try:
-            image = transform(decode_image(data, image_size))
+            with torch.random.fork_rng(devices=[]):  # leave the process's own RNG alone (workers=0 shares it)
+                torch.manual_seed(seed)
+                image = transform(decode_image(data, image_size))
         except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
             counter.skip("bad_image")
             continue
         yield sample["__key__"], image, caption
 
 
+class _Cursor:
+    """Where a worker's stream stands: the pass (epoch) and how many raw samples of it have left the shuffle buffer."""
+
+    def __init__(self, epoch: int = 0, emitted: int = 0):
+        self.epoch, self.emitted = epoch, emitted
+
+
+def _mix(sources: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """Endless samples drawn from `sources` with probabilities proportional to `weights` (sample-level mixing)."""
+    indices = range(len(sources))
+    while True:
+        yield next(sources[rng.choices(indices, weights)[0]])
+
+
 class ShardStream(IterableDataset):
     """An endless stream of training batches from WebDataset shards.
 
+    Two ways to walk the shards:
+      resampled (default): each worker draws shards with replacement from every source and mixes the sources'
+        samples in proportion to `weights`; no epochs. Seeded per (seed, process, worker): reproducible.
+      exact passes: the shards are shuffled alike on every process (one permutation per pass) and dealt out to the
+        processes x workers, each of which shuffles its samples within the pass. Every sample is seen once per
+        pass, and a stream can resume exactly where it stopped (see `start`).
+
+    Every batch carries `position` = (stream, epoch, emitted): the worker's stream index (process x workers +
+    worker) and how many raw samples of that pass it had consumed at the batch's last sample. Handing the latest
+    consumed position of each stream back as `start` resumes an exact pass with no sample seen twice or skipped.
+
     Args:
-        urls: expanded shard URLs (see `expand_urls`).
+        sources: expanded shard URLs, one list per source (see `expand_sources`).
         tokenizer: callable mapping a list of captions to a (B, context_length) tensor.
         image_size: side of the square training images.
         batch_size: samples per batch (per process).
         seed: base seed; each process and worker derives its own from it.
-        resampled: draw shards with replacement (no epochs) instead of repeated shuffled passes.
+        resampled: draw shards with replacement instead of exact passes.
+        weights: sampling weight per source (resampled only); default equal.
         shuffle_buffer: samples kept in each worker's shuffle buffer.
         crop_scale: lower scale bound of the random resized crop.
+        start: exact passes only: {stream: (epoch, emitted)} to resume from.
     """
 
-    def __init__(self, urls: list[str], tokenizer: Callable, image_size: int, batch_size: int, seed: int = 0,
-                 resampled: bool = True, shuffle_buffer: int = 1000, crop_scale: float = 0.9):
+    def __init__(self, sources: list[list[str]], tokenizer: Callable, image_size: int, batch_size: int,
+                 seed: int = 0, resampled: bool = True, weights: list[float] | None = None, shuffle_buffer: int = 1000,
+                 crop_scale: float = 0.9, start: dict[int, tuple[int, int]] | None = None):
         super().__init__()
-        self.urls = list(urls)
+        if sources and isinstance(sources[0], str):
+            sources = [list(sources)]  # a flat list of URLs is one source
+        self.sources = [list(s) for s in sources]
+        if weights and len(weights) != len(self.sources):
+            raise ValueError(f"data.weights has {len(weights)} values for {len(self.sources)} sources")
+        if weights and not resampled:
+            raise ValueError("data.weights needs data.resampled=true: an exact pass visits every sample once")
+        if weights and (min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"data.weights must be non-negative with a positive sum, got {weights}")
+        if start and resampled:
+            raise ValueError("an exact resume position applies to exact passes (data.resampled=false)")
+        self.weights = list(weights) if weights else [1.0] * len(self.sources)
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.batch_size = batch_size
         self.seed = seed
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer
+        self.start = dict(start or {})
         self.transform = train_transform(image_size, crop_scale)
 
-    def _shard_urls(self, rank: int, world: int, worker: int, workers: int, seed: int) -> Iterator[dict[str, str]]:
-        if self.resampled:
-            # seeded per (rank, worker) by webdataset's worker_seed and by our seed, reproducibly
-            yield from wds.ResampledShards(self.urls, seed=seed, deterministic=True)
-            return
-        streams = world * workers
-        if len(self.urls) < streams:
-            raise ValueError(f"{len(self.urls)} shards cannot feed {world} processes x {workers} workers in "
-                             f"exact-pass mode; use data.resampled=true or fewer workers")
+    def _shuffled(self, samples: Iterator[dict], seed: int) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            return samples
         rng = random.Random(seed)
-        while True:  # one shuffled pass after another, each stream taking every `streams`-th shard
-            order = list(self.urls)
-            rng.shuffle(order)
-            for url in order[rank * workers + worker::streams]:
-                yield {"url": url}
+        return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng)(samples)
+
+    def _resampled(self, rank: int, worker: int, counter: SkipCounter, cursor: _Cursor) -> Iterator[dict]:
+        streams = [wds.tarfile_to_samples(handler=counter.tar_error)(
+            # webdataset mixes its worker seed (process, worker) into `seed`; the source index keeps sources apart
+            iter(wds.ResampledShards(urls, seed=wds.utils.make_seed(self.seed, i), deterministic=True)))
+            for i, urls in enumerate(self.sources)]
+        mixed = _mix(streams, self.weights, random.Random(wds.utils.make_seed(self.seed, rank, worker, _MIX)))
+        for sample in self._shuffled(mixed, wds.utils.make_seed(self.seed, rank, worker)):
+            cursor.emitted += 1
+            yield sample
+
+    def _exact_passes(self, stream: int, streams: int, counter: SkipCounter, cursor: _Cursor) -> Iterator[dict]:
+        urls = [u for source in self.sources for u in source]
+        if len(urls) < streams:
+            raise ValueError(f"{len(urls)} shards cannot feed {streams} streams (processes x workers) in "
+                             f"exact-pass mode; use data.resampled=true or fewer workers")
+        epoch, skip = self.start.get(stream, (0, 0))
+        while True:
+            order = sorted(urls)
+            random.Random(wds.utils.make_seed(self.seed, epoch)).shuffle(order)  # alike on every process
+            mine = ({"url": u} for u in order[stream::streams])
+            samples = wds.tarfile_to_samples(handler=counter.tar_error)(mine)
+            for i, sample in enumerate(self._shuffled(samples, wds.utils.make_seed(self.seed, epoch, stream))):
+                if i < skip:  # replaying a pass up to the resume point: read, never decoded
+                    continue
+                cursor.epoch, cursor.emitted = epoch, i + 1
+                yield sample
+            epoch, skip = epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
-        stream_seed = wds.utils.make_seed(self.seed, rank, worker)
-        counter = SkipCounter()
-        rng = random.Random(stream_seed)
-        # the shard order is seeded alike on every process (exact passes slice one shared permutation)
-        shard_urls = self._shard_urls(rank, world, worker, workers, self.seed)
-        samples = wds.tarfile_to_samples(handler=counter.tar_error)(shard_urls)
-        if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng)(samples)
+        stream = rank * workers + worker
+        counter, cursor = SkipCounter(), _Cursor()
+        if self.resampled:
+            samples = self._resampled(rank, worker, counter, cursor)
+        else:
+            samples = self._exact_passes(stream, world * workers, counter, cursor)
+
+        def sample_seed(key: str) -> int:
+            return wds.utils.make_seed(self.seed, cursor.epoch, zlib.crc32(key.encode()))
+
         keys, images, captions = [], [], []
-        for key, image, caption in decode_samples(samples, self.transform, self.image_size, counter, rng):
+        for key, image, caption in decode_samples(samples, self.transform, self.image_size, counter, sample_seed):
             keys.append(key)
             images.append(image)
             captions.append(caption)
             if len(keys) == self.batch_size:
                 yield {"images": torch.stack(images), "texts": self.tokenizer(captions), "keys": keys,
-                       "skipped": counter.take()}
+                       "skipped": counter.take(), "position": (stream, cursor.epoch, cursor.emitted)}
                 keys, images, captions = [], [], []
 
 
-def make_train_loader(urls: list[str], tokenizer: Callable, image_size: int, batch_size: int, workers: int,
-                      seed: int = 0, resampled: bool = True, shuffle_buffer: int = 1000, crop_scale: float = 0.9,
-                      pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over `ShardStream`; batching happens in the workers, so `batch_size=None` here."""
-    stream = ShardStream(urls, tokenizer, image_size, batch_size, seed=seed, resampled=resampled,
-                         shuffle_buffer=shuffle_buffer, crop_scale=crop_scale)
+def make_train_loader(sources: list[list[str]], tokenizer: Callable, image_size: int, batch_size: int, workers: int,
+                      pin_memory: bool = False, **stream_args) -> DataLoader:
+    """A DataLoader over `ShardStream` (keyword arguments go to it); the workers batch, so `batch_size=None` here."""
+    stream = ShardStream(sources, tokenizer, image_size, batch_size, **stream_args)
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
