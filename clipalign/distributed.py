@@ -3,11 +3,14 @@
 `accelerator.gather` (like `torch.distributed.all_gather`) returns tensors with no gradient, so a loss that scores local
 rows against gathered columns would only train on its own samples' side of the matrix. `all_gather_with_grad` is the
 differentiable version: its backward sums the incoming gradient over all processes and hands each one its own slice.
+`ring_exchange_with_grad` passes a tensor around the ring of processes instead, neighbour to neighbour, with the
+gradient of every hop sent back the way the tensor came.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,19 +63,19 @@ def is_distributed() -> bool:
     return get_world_size() > 1
 
 
-def _check_same_shape(x: torch.Tensor, world_size: int) -> None:
-    """Raise on every rank alike when local batch sizes (or row shapes) differ, where a gather would hang or fail."""
+def _check_same_shape(x: torch.Tensor, world_size: int, user: str = "all_gather_with_grad") -> None:
+    """Raise on every rank alike when local batch sizes (or row shapes) differ, where an exchange would hang or fail."""
     local = torch.tensor([x.shape[0], math.prod(x.shape[1:]), x.dim()], dtype=torch.int64, device=x.device)
     shapes = torch.empty(world_size * 3, dtype=torch.int64, device=x.device)
     _all_gather_single(shapes, local)
     sizes, row_numels, dims = shapes.view(world_size, 3).T.tolist()
     if len(set(sizes)) > 1:
         raise ValueError(
-            f"all_gather_with_grad needs the same local batch size on every process, got {sizes} (by rank); "
+            f"{user} needs the same local batch size on every process, got {sizes} (by rank); "
             "drop the last partial batch or pad it to the full size"
         )
     if len(set(row_numels)) > 1 or len(set(dims)) > 1:
-        raise ValueError(f"all_gather_with_grad needs the same row shape on every process; rank {get_rank()} has "
+        raise ValueError(f"{user} needs the same row shape on every process; rank {get_rank()} has "
                          f"{tuple(x.shape[1:])}, elements per row by rank: {row_numels}")
 
 
@@ -122,3 +125,59 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
                            "`accelerate launch` and create the Accelerator before the first loss call")
     _check_same_shape(x, world_size)
     return _AllGatherWithGrad.apply(x)
+
+
+def _ring_neighbours() -> tuple[int, int]:
+    """The ranks before and after this one on the ring 0 -> 1 -> ... -> N - 1 -> 0."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    return (rank - 1) % world_size, (rank + 1) % world_size
+
+
+def _send_recv(x: torch.Tensor, to_rank: int, from_rank: int) -> torch.Tensor:
+    """Send `x` to `to_rank` while receiving a tensor of the same shape from `from_rank` (both at once: no deadlock)."""
+    received = torch.empty_like(x)
+    requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, to_rank), dist.P2POp(dist.irecv, received, from_rank)])
+    for request in requests:
+        request.wait()
+    return received
+
+
+class _RingShift(torch.autograd.Function):
+    """Forward: hand x to the next rank, take the previous rank's. Backward: the gradient goes back the same way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        previous, following = _ring_neighbours()
+        return _send_recv(x.contiguous(), to_rank=following, from_rank=previous)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # what we received came from `previous`, so its gradient belongs there; ours comes back from `following`
+        previous, following = _ring_neighbours()
+        return _send_recv(grad.contiguous(), to_rank=previous, from_rank=following)
+
+
+def _ring_hops(x: torch.Tensor, world_size: int) -> Iterator[torch.Tensor]:
+    for _ in range(world_size - 1):
+        x = _RingShift.apply(x)
+        yield x
+
+
+def ring_exchange_with_grad(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Yield the `x` (B_local, ...) of ranks rank - 1, rank - 2, ..., rank - (N - 1) (mod N), one hop at a time.
+
+    Each hop is a point-to-point exchange (send to rank + 1, receive from rank - 1) of one B_local block, and its
+    backward sends the gradient back the way the block came, so a loss computed on the blocks trains the process
+    that owns them. Every process must take all N - 1 blocks, in order; yields nothing with one process.
+
+    Raises:
+        ValueError: on every rank, when called, if the processes' local batch sizes (or row shapes) differ.
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return iter(())
+    if not _torch_distributed_ready():
+        raise RuntimeError(f"{world_size} processes but no torch.distributed process group; launch with "
+                           "`accelerate launch` and create the Accelerator before the first loss call")
+    _check_same_shape(x, world_size, user="ring_exchange_with_grad")
+    return _ring_hops(x, world_size)

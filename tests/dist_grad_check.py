@@ -6,6 +6,7 @@ global batch on an unwrapped copy in one process and writes, as JSON, how far th
 max |difference| / max |reference|) and loss are from that reference:
 
     accelerate launch --multi_gpu --num_processes 2 tests/dist_grad_check.py --mode local --out result.json
+    accelerate launch --multi_gpu --num_processes 4 tests/dist_grad_check.py --mode tiled --tile-size 5 --out r.json
 
 On a machine without GPUs, `--multi_gpu` alone leaves Accelerate at DistributedType.NO (no DDP wrapping); this script
 passes `cpu=True` there, which selects gloo and DDP (the same as exporting ACCELERATE_USE_CPU=true).
@@ -31,7 +32,8 @@ _WORDS = ["red", "green", "blue", "small", "large", "striped", "circle", "square
 
 def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=["dense", "local"], default="local")
+    p.add_argument("--mode", choices=["dense", "local", "tiled"], default="local")
+    p.add_argument("--tile-size", type=int, default=4096, help="tiled: columns per tile")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--local-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -65,7 +67,7 @@ def _mismatch_error(accelerator: Accelerator, args: argparse.Namespace) -> str |
     rows = args.local_batch - 2 if accelerator.process_index == 1 else args.local_batch
     features = F.normalize(torch.randn(rows, 16), dim=-1).to(accelerator.device)
     try:
-        ContrastiveLoss(args.mode)(features, features, torch.tensor(10.0))
+        ContrastiveLoss(args.mode, tile_size=args.tile_size)(features, features, torch.tensor(10.0))
     except ValueError as e:
         return str(e)
     return None
@@ -83,8 +85,8 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
     ddp_model = accelerator.prepare(model)
     out = ddp_model(images[rank * b:(rank + 1) * b].to(accelerator.device),
                     tokens[rank * b:(rank + 1) * b].to(accelerator.device))
-    loss = ContrastiveLoss(args.mode, args.label_smoothing)(out["image_features"], out["text_features"],
-                                                            out["logit_scale"])
+    loss_fn = ContrastiveLoss(args.mode, args.label_smoothing, tile_size=args.tile_size)
+    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
     accelerator.backward(loss)
     losses = accelerator.gather(loss.detach()[None]).tolist()  # (N,)
     if not accelerator.is_main_process:
@@ -111,8 +113,8 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
         grads[name] = {"max_abs_diff": abs_diff, "ref_max_abs": scale, "rel_diff": abs_diff / max(scale, 1e-30),
                        "rel_l2": (diff.norm() / ref_p.grad.norm().clamp_min(1e-30)).item()}
 
-    # dense: every rank holds the global loss; local: the mean over ranks is the global loss
-    value = sum(losses) / len(losses) if args.mode == "local" else losses[0]
+    # dense: every rank holds the global loss; local and tiled: the mean over ranks is the global loss
+    value = losses[0] if args.mode == "dense" else sum(losses) / len(losses)
     rel = [g["rel_diff"] for g in grads.values() if "rel_diff" in g]
     return {
         "losses": losses,
@@ -134,8 +136,9 @@ def main() -> None:
         if args.mismatch:
             result["mismatch_error"] = _mismatch_error(accelerator, args)
         if accelerator.is_main_process:
-            result.update(mode=args.mode, world_size=accelerator.num_processes, local_batch=args.local_batch,
-                          dtype=args.dtype, distributed_type=str(accelerator.distributed_type))
+            result.update(mode=args.mode, tile_size=args.tile_size, world_size=accelerator.num_processes,
+                          local_batch=args.local_batch, dtype=args.dtype,
+                          distributed_type=str(accelerator.distributed_type))
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
     finally:

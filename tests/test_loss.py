@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from clipalign.config import LossConfig
 from clipalign.distributed import all_gather_with_grad, get_rank, get_world_size
-from clipalign.loss import ContrastiveLoss, build_loss
+from clipalign.loss import ContrastiveLoss, _tiled_contrastive_loss, build_loss
 
 REPO = Path(__file__).resolve().parent.parent
 GRAD_CHECK = REPO / "tests" / "dist_grad_check.py"
@@ -26,6 +26,9 @@ _RUNS = {
     "dense-2": (2, ["--mode", "dense"]),
     "local-2": (2, ["--mode", "local", "--mismatch"]),
     "local-4-smoothing": (4, ["--mode", "local", "--label-smoothing", "0.1"]),
+    # tile sizes that divide neither the global batch (16, 32) nor the local one (8): a ragged last tile
+    "tiled-2": (2, ["--mode", "tiled", "--tile-size", "3"]),
+    "tiled-4-smoothing": (4, ["--mode", "tiled", "--tile-size", "5", "--label-smoothing", "0.1"]),
 }
 
 
@@ -78,6 +81,71 @@ def test_label_smoothing_matches_cross_entropy(mode):
     assert not math.isclose(ours[0].item(), plain.item(), rel_tol=1e-3)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("tile_size", [1, 3, 7, 12, 50])  # B = 12: one column, ragged tiles, exactly B, more than B
+def test_tiled_equals_dense_and_open_clip(tile_size, label_smoothing):
+    image, text, scale = _features()
+    bias = torch.tensor(-2.0).requires_grad_()
+    inputs = (image, text, scale, bias)
+    tiled = _value_and_grads(ContrastiveLoss("tiled", label_smoothing, tile_size=tile_size), *inputs)
+    dense = _value_and_grads(ContrastiveLoss("dense", label_smoothing), *inputs)
+    references = {"dense": dense}
+    if label_smoothing == 0:  # ClipLoss has no label smoothing
+        references["open_clip ClipLoss"] = _value_and_grads(open_clip.loss.ClipLoss(), *inputs)
+    for ref_name, ref in references.items():
+        for name, a, b in zip(["loss", "d image", "d text", "d logit_scale"], tiled, ref):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-7, msg=f"{name}: tiled != {ref_name}")
+        # a bias shared by all logits cancels out of every softmax: its gradient is zero up to rounding
+        assert abs(tiled[-1].item()) < 1e-6 and abs(ref[-1].item()) < 1e-6
+    assert tiled[3].abs().item() > 0
+
+
+def test_tiled_under_bf16_autocast_follows_dense():
+    inputs = _features(batch=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiled = _value_and_grads(ContrastiveLoss("tiled", 0.1, tile_size=10), *inputs)
+        dense = _value_and_grads(ContrastiveLoss("dense", 0.1), *inputs)
+    for name, a, b in zip(["loss", "d image", "d text", "d logit_scale"], tiled, dense):
+        assert a.dtype == b.dtype == torch.float32, name
+        # both multiply in bf16; only where the products are rounded back differs
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3, msg=f"{name}: tiled != dense under autocast")
+
+
+def test_tiled_keeps_no_logit_matrix_for_backward():
+    batch, dim, tile = 64, 16, 8  # a (batch, batch) matrix has more elements than any feature tensor
+    inputs = _features(batch=batch, dim=dim)
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[mode].append(t.numel())
+        return t
+
+    for mode in ("local", "tiled"):
+        saved[mode] = []
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = ContrastiveLoss(mode, 0.1, tile_size=tile)(*inputs)
+        loss.backward()
+    assert max(saved["local"]) >= batch * batch  # the check sees the matrix where there is one
+    assert max(saved["tiled"]) <= batch * 2 * dim, saved["tiled"]  # at most the [image | text] features
+
+
+def test_tiled_gradient_written_over_gathered_copies():
+    # With several processes the columns are the gather's fresh copies, and the backward writes their gradient over
+    # them; copies made here stand in for them. The result must not change, and a second backward must fail loudly.
+    image, text, scale = _features()
+
+    def with_copies(i, t, s):
+        return _tiled_contrastive_loss(i, t, (i.clone(), t.clone()), s, None, 0.1, 5)
+
+    torch.testing.assert_close(_value_and_grads(with_copies, image, text, scale),
+                               _value_and_grads(ContrastiveLoss("tiled", 0.1, tile_size=5), image, text, scale),
+                               rtol=0, atol=0)
+    loss = with_copies(image, text, scale)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_gather_false_never_gathers():
     inputs = _features()
     torch.testing.assert_close(ContrastiveLoss("local", gather=False)(*inputs), ContrastiveLoss("local")(*inputs))
@@ -86,10 +154,15 @@ def test_gather_false_never_gathers():
 def test_build_loss_and_its_errors():
     loss = build_loss(LossConfig(kind="contrastive", mode="dense", label_smoothing=0.2))
     assert isinstance(loss, ContrastiveLoss) and (loss.mode, loss.label_smoothing) == ("dense", 0.2)
-    with pytest.raises(ValueError, match=r"loss\.kind 'sigmoid'.*supported kinds: contrastive"):
-        build_loss(LossConfig(kind="sigmoid"))
-    with pytest.raises(ValueError, match=r"'tiled' is not one of dense, local"):
-        ContrastiveLoss("tiled")
+    loss = build_loss(LossConfig(kind="contrastive", mode="tiled", tile_size=256))
+    assert (loss.mode, loss.tile_size) == ("tiled", 256) and "tile_size=256" in repr(loss)
+    with pytest.raises(ValueError, match=r"loss\.kind 'triplet' is not supported; supported kinds: contrastive"):
+        build_loss(LossConfig(kind="triplet"))  # sigmoid is SigmoidLoss's (tests/test_sigmoid_loss.py)
+    with pytest.raises(ValueError, match=r"'tiles' is not one of dense, local, tiled"):
+        ContrastiveLoss("tiles")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="tile_size must be a positive integer"):
+            ContrastiveLoss("tiled", tile_size=bad)
     with pytest.raises(ValueError, match="label_smoothing"):
         ContrastiveLoss(label_smoothing=1.0)
 
