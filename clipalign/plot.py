@@ -1,0 +1,144 @@
+"""Draw a run's curves to a PNG: loss, logit scale (and bias), learning rate, throughput and zero-shot results.
+
+    clipalign-plot runs/quickstart                       # writes runs/quickstart/curves.png
+    clipalign-plot runs/a runs/b --out compare.png       # several runs on the same axes
+    python tools/plot.py runs/quickstart --x samples
+
+Reads each run directory's `metrics.jsonl` (a metrics line per `train.log_every` steps, and zero-shot lines). Needs
+matplotlib (`pip install "clipalign[plot]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# (metrics key, panel title); a panel is drawn when some run logged the key
+TRAIN_PANELS = [
+    ("loss", "training loss (mean over processes)"),
+    ("logit_scale", "logit scale"),
+    ("logit_bias", "logit bias"),
+    ("lr", "learning rate"),
+    ("samples_per_s", "samples/s (all processes)"),
+    ("mfu", "MFU"),
+]
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """A run's training lines and zero-shot lines from RUN/metrics.jsonl.
+
+    Raises:
+        FileNotFoundError: naming the file, when the run has none.
+        ValueError: naming the file and line, when a line is not JSON.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such metrics file; pass a run directory (train.output_dir)")
+    train, zeroshot = [], []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            # a run killed while appending leaves a partial last line; anything else is damage worth naming
+            if number == len(lines):
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+        (zeroshot if "zeroshot" in record else train).append(record)
+    return train, zeroshot
+
+
+_NOT_CURVES = ("num_images", "num_classes", "num_texts", "chance")
+
+
+def _zeroshot_series(lines: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """eval set ("" when the results are not per set) -> metric -> [(step, value)]; chance is kept as "chance"."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for line in lines:
+        result = line["zeroshot"]
+        sets = result if result and all(isinstance(v, dict) for v in result.values()) else {"": result}
+        for set_name, metrics in sets.items():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and (key == "chance" or key not in _NOT_CURVES):
+                    series.setdefault(set_name, {}).setdefault(key, []).append((line["step"], float(value)))
+    return series
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> Path:
+    """Draw the curves of one or more runs into one PNG at `out`; returns its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit('clipalign-plot needs matplotlib: pip install "clipalign[plot]"') from None
+    runs = {str(d): read_metrics(d) for d in run_dirs}
+    panels = [(key, title) for key, title in TRAIN_PANELS if any(key in r for train, _ in runs.values() for r in train)]
+    zeroshot = {name: _zeroshot_series(zs) for name, (_, zs) in runs.items()}
+    eval_sets = sorted({s for series in zeroshot.values() for s in series})
+    if not panels and not eval_sets:
+        raise ValueError(f"no metrics to plot in {', '.join(runs)}: the runs logged no steps yet")
+    count = len(panels) + len(eval_sets)
+    cols = 2 if count > 1 else 1
+    rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    axes_left = iter(axes.flat)
+    for key, title in panels:
+        ax = next(axes_left)
+        for name, (train, _) in runs.items():
+            points = [(r.get(x, r["step"]), r[key]) for r in train if key in r]
+            if points:
+                ax.plot(*zip(*points), label=_label(name, runs))
+        ax.set(title=title, xlabel=x, yscale="log" if key == "loss" else "linear")
+        _finish(ax, legend=len(runs) > 1)
+    for set_name in eval_sets:  # one panel per eval set: every metric of every run, chance as a dashed line
+        ax = next(axes_left)
+        for name, series in zeroshot.items():
+            for metric, points in series.get(set_name, {}).items():
+                if metric == "chance":
+                    ax.axhline(points[-1][1], linestyle="--", color="grey", label="chance")
+                else:
+                    ax.plot(*zip(*points), marker="o", label=f"{_label(name, runs)}{metric}")
+        ax.set(title=f"zero-shot {set_name}".strip(), xlabel="step", ylim=(0, 1.02))
+        _finish(ax, legend=True)
+    for ax in axes_left:
+        ax.set_visible(False)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _label(name: str, runs: dict) -> str:
+    """The run's directory name as a legend prefix, when there are several runs."""
+    return f"{Path(name).name or name}: " if len(runs) > 1 else ""
+
+
+def _finish(ax, legend: bool) -> None:
+    ax.grid(alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
+    p.add_argument("--out", help="PNG to write; default RUN/curves.png for one run, curves.png for several")
+    p.add_argument("--x", choices=["step", "samples"], default="step", help="x axis of the training panels")
+    args = p.parse_args(argv)
+    out = args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("curves.png"))
+    try:
+        path = plot_runs(args.runs, out, x=args.x)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
