@@ -79,6 +79,8 @@ class TrainConfig:
     max_nonfinite: int = 10  # stop after more than this many steps in a row with a non-finite loss (each is skipped)
     peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0 = look up known GPUs (bf16/fp16 dense)
     cpu_threads: int = 0  # torch threads per process on CPU; 0 = the available cores / processes on this machine
+    compile: bool = False  # torch.compile the model's forward (both towers and the feature normalisation)
+    channels_last: bool = False  # image tower weights and inputs in channels-last memory format (conv towers, GPU)
 
 
 @dataclass

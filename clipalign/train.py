@@ -155,6 +155,12 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
     model = create_model(cfg.model, cfg.loss.kind)
     tokenizer = model.tokenizer
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    if cfg.train.channels_last:
+        model.clip.visual.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # in place: the module keeps its parameter names, so checkpoints and exports are unchanged
+        model.compile()
     loss_fn = build_loss(cfg.loss)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
@@ -213,7 +219,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         micro_batches, step_keys = [], []
         for _ in range(cfg.train.accum_steps):
             batch = next(batches)
-            micro_batches.append((batch["images"].to(accelerator.device, non_blocking=True),
+            micro_batches.append((batch["images"].to(accelerator.device, non_blocking=True,
+                                                     memory_format=memory_format),
                                   batch["texts"].to(accelerator.device, non_blocking=True)))
             for i, reason in enumerate(SKIP_REASONS):
                 window_skipped[i] += batch["skipped"].get(reason, 0)
@@ -275,6 +282,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 "nonfinite_steps": nonfinite_total,
                 "skipped": dict(skipped_total),
             }
+            if raw_model.clip.logit_bias is not None:
+                last["logit_bias"] = round(raw_model.clip.logit_bias.item(), 4)
             if peak_tflops:
                 last["mfu"] = round(tflops / (peak_tflops * world), 4)
             if main:

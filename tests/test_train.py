@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from multiproc import accelerate_launch_cmd
+from safetensors import safe_open
 
 import clipalign
 from clipalign.checkpoint import latest_checkpoint, list_checkpoints, read_trainer_state
@@ -28,20 +29,12 @@ def _env(tmp_path: Path) -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _accelerate_launch(num_processes: int, args: list[str], env: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "clipalign.train", *args]
+    cmd = accelerate_launch_cmd(num_processes, ["-m", "clipalign.train", *args])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -168,3 +161,27 @@ def test_console_script_help():
     assert exe.exists(), "install with pip install -e . to get the console scripts"
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "section.key=value" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_train_the_same_model(tmp_path):
+    """train.compile and train.channels_last change how the step runs, not what it computes or saves."""
+    env = _env(tmp_path)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")  # where compiled kernels land: proof it compiled
+    common = [str(QUICKSTART), *SMALL, "train.steps=4", "export.dir=", "train.log_with=none"]
+    runs = {}
+    for name, flags in {"eager": [], "compiled": ["train.compile=true", "train.channels_last=true"]}.items():
+        runs[name] = tmp_path / name
+        cmd = [sys.executable, "-m", "clipalign.train", *common, f"train.output_dir={runs[name]}", *flags]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(p.is_file() for p in (tmp_path / "inductor").rglob("*"))
+    losses = {name: [m["loss"] for m in _metrics(run) if "loss" in m] for name, run in runs.items()}
+    assert len(losses["eager"]) == 2
+    # fused kernels round differently: the same curve, not the same bits
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-3)
+    keys = {}
+    for name, run in runs.items():
+        with safe_open(str(latest_checkpoint(run) / "model.safetensors"), "pt") as f:
+            keys[name] = set(f.keys())
+    assert keys["compiled"] == keys["eager"] and not any("_orig_mod" in k for k in keys["compiled"])
