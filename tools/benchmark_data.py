@@ -1,0 +1,449 @@
+#!/usr/bin/env python
+"""Image decoding speed and quality: our pipeline against open_clip's, on the same JPEG shards, in one run.
+
+    python tools/benchmark_data.py --sizes 256 512 1024 --images 300 --repeats 5 --json bench.json
+
+For each stored size the tool writes (or reuses, under `--cache`) WebDataset shards of synthetic photo-like JPEGs,
+reads their bytes once, and times decode + transform to 224 px in this one process with torch threads = 1:
+
+    reference   `Image.open(...).convert("RGB")` + `open_clip.image_transform(224, is_train=False)`
+                (Resize bicubic, CenterCrop, ToTensor, Normalize: float output)
+    ours        `decode_image(data, 224)` (PIL draft: reduced DCT scale) + `eval_transform(224)` (uint8 output;
+                normalisation happens on the device)
+    ours + CPU normalise
+                ours, then the float conversion and normalisation done here on the CPU, to separate what the draft
+                decode buys from what moving normalisation to the device buys
+
+The three alternate within every repeat (the order rotates between repeats); the table gives medians over repeats,
+and each ratio is the median of the per-repeat ratios, so load from other processes shifts both sides alike. Then the
+full pipeline (tar reading, decoding, tokenizing, batching) is timed through a DataLoader with one worker: ours
+through `make_train_loader` (`ShardStream`, crop_scale=1 so that the transform is the eval one, no shuffle buffer),
+the reference through open_clip_train's webdataset recipe (`decode("pilrgb")`, `map_dict`, `batched`). Both use
+open_clip's BPE tokenizer; ours also seeds every sample (its per-sample RNG), as training does.
+
+Quality: PSNR and mean absolute difference (0-255 units) between our uint8 output and the reference output
+de-normalised back to uint8, per image, averaged over images; identical pairs (no draft) are counted, not averaged.
+
+A stored size is the shorter side (img2dataset's `keep_ratio`) unless `--side long`; aspect ratios cycle through
+1:1, 4:3, 3:2, 3:4, 16:9 and 2:3. The images are drawn, not downloaded: flat-coloured shapes under 1/f luminance
+shading, a little chroma noise, patches of fine texture and sensor noise, saved at JPEG quality 90 with 4:2:0 chroma.
+Real photos differ in content and entropy (the table gives bits per pixel: a detailed photo costs more to
+entropy-decode, which the draft decode does not reduce), so treat the ratios as indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import PIL
+import torch
+import torch.nn.functional as F
+import torchvision
+import webdataset as wds
+from PIL import Image, ImageDraw, ImageFilter, features
+from torch.utils.data import DataLoader
+
+from clipalign.data.shards import make_train_loader
+from clipalign.data.transforms import decode_image, eval_transform
+from clipalign.data.writer import image_to_bytes, write_shards
+from clipalign.tokenizer import build_tokenizer
+
+IMAGE_SIZE = 224
+JPEG_QUALITY = 90
+ASPECTS = (1.0, 4 / 3, 3 / 2, 3 / 4, 16 / 9, 1.0, 2 / 3, 4 / 3)  # width / height, cycled over the images
+SHARD_SAMPLES = 100
+FORMAT_VERSION = 1  # bump when the drawing changes, so that cached shards are not taken for new ones
+TOKENIZER = "ViT-B-32"
+PIPELINES = ("reference", "ours", "ours_cpu_normalise")
+_MARKER = "_complete.json"
+_TAR_MTIME = 1_700_000_000
+_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+
+
+# ---------------------------------------------------------------- synthetic photo-like images
+
+def _pink_noise(height: int, width: int, channels: int, beta: float, finest: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero-mean unit-std noise whose amplitude grows as (cell size)^beta, (C, H, W).
+
+    White noise is added at every level of a 2x pyramid from about 3 cells across down to `finest`-pixel cells, each
+    level upsampled bicubically into the next: a cheap 1/f-like field, as natural images have.
+    """
+    levels, h, w, cell = [], height, width, 1
+    while min(h, w) >= 3:
+        if cell >= finest:
+            levels.append((h, w, cell))
+        h, w, cell = math.ceil(h / 2), math.ceil(w / 2), cell * 2
+    field = None
+    for h, w, cell in reversed(levels):
+        noise = torch.randn(1, channels, h, w, generator=gen) * cell ** beta
+        field = noise if field is None else F.interpolate(field, size=(h, w), mode="bicubic") + noise
+    if field.shape[-2:] != (height, width):
+        field = F.interpolate(field, size=(height, width), mode="bicubic")
+    field = field[0]
+    return (field - field.mean()) / field.std()
+
+
+def synthetic_photo(width: int, height: int, seed: int) -> Image.Image:
+    """A photo-like RGB image: shapes on a gradient, 1/f shading, chroma noise, textured patches, sensor noise."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    side = min(width, height)
+    top, bottom = rng.uniform(30, 230, 3), rng.uniform(20, 200, 3)
+    t = np.linspace(0, 1, height)[:, None, None]
+    base = Image.fromarray(np.broadcast_to(top * (1 - t) + bottom * t, (height, width, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(base)
+    for _ in range(rng.integers(3, 10)):
+        x, y = rng.uniform(-0.1, 1.1) * width, rng.uniform(-0.1, 1.1) * height
+        r = rng.uniform(0.04, 0.35) * side
+        grey = rng.uniform(40, 220)
+        colour = tuple(int(np.clip(grey + c, 0, 255)) for c in rng.normal(0, 40, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([x - r, y - r * rng.uniform(0.4, 1.0), x + r, y + r], fill=colour)
+        else:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 8))))
+            draw.polygon([(x + r * np.cos(a), y + r * np.sin(a)) for a in angles], fill=colour)
+    base = base.filter(ImageFilter.GaussianBlur(side / 500))  # soft edges, as a lens gives
+    img = torch.from_numpy(np.array(base, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
+    img = img * (1 + 0.3 * _pink_noise(height, width, 1, 0.8, 1, gen)) + 15 * _pink_noise(height, width, 3, 1.2, 4, gen)
+    texture_mask = (0.8 * _pink_noise(height, width, 1, 2.0, max(1, side // 8), gen)).clamp(0, 1)
+    img += 12 * texture_mask * torch.randn(1, height, width, generator=gen)
+    img += 1.5 * torch.randn(3, height, width, generator=gen)
+    return Image.fromarray(img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def stored_geometry(size: int, aspect: float, side: str) -> tuple[int, int]:
+    """(width, height) of an image of `aspect` (width / height) whose shorter or longer `side` is `size`."""
+    landscape = aspect >= 1
+    if (side == "short") == landscape:
+        return round(size * aspect), size
+    return size, round(size / aspect)
+
+
+def _image_seed(seed: int, size: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, size, index]).generate_state(1)[0])
+
+
+def ensure_shards(cache: Path, size: int, images: int, side: str, seed: int = 0) -> list[Path]:
+    """Shards of `images` synthetic JPEGs stored at `size` px, written under `cache` or reused from an earlier run."""
+    params = {"version": FORMAT_VERSION, "size": size, "images": images, "side": side, "seed": seed,
+              "quality": JPEG_QUALITY, "aspects": [round(a, 4) for a in ASPECTS]}
+    root = cache / f"{side}{size}-n{images}-s{seed}-v{FORMAT_VERSION}"
+    marker = root / _MARKER
+    if marker.is_file() and json.loads(marker.read_text())["params"] == params:
+        return [root / name for name in json.loads(marker.read_text())["shards"]]
+
+    def samples():
+        for i in range(images):
+            width, height = stored_geometry(size, ASPECTS[i % len(ASPECTS)], side)
+            img = synthetic_photo(width, height, _image_seed(seed, size, i))
+            yield {"__key__": f"{i:06d}", "jpg": image_to_bytes(img, "jpg", quality=JPEG_QUALITY),
+                   "txt": f"a synthetic photo, number {i}"}
+
+    shards = write_shards(samples(), root, prefix="bench", samples_per_shard=SHARD_SAMPLES, mtime=_TAR_MTIME)
+    marker.write_text(json.dumps({"params": params, "shards": [p.name for p in shards]}))
+    return shards
+
+
+def read_jpegs(shards: list[Path]) -> list[bytes]:
+    """The JPEG bytes of every sample, in shard order (read once, so that the timings exclude I/O)."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList([str(p) for p in shards]), wds.tarfile_to_samples())
+    return [sample["jpg"] for sample in pipeline]
+
+
+# ---------------------------------------------------------------- the pipelines
+
+def reference_pipeline(image_size: int = IMAGE_SIZE) -> Callable[[bytes], torch.Tensor]:
+    """open_clip's eval preprocessing: full PIL decode, Resize + CenterCrop + ToTensor + Normalize (float)."""
+    transform = open_clip.image_transform(image_size, is_train=False)
+    return lambda data: transform(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def ours_pipeline(image_size: int = IMAGE_SIZE) -> Callable[[bytes], torch.Tensor]:
+    """Our eval preprocessing: draft decode + Resize + CenterCrop, uint8 (normalised later, on the device)."""
+    transform = eval_transform(image_size)
+    return lambda data: transform(decode_image(data, image_size))
+
+
+def ours_cpu_normalise_pipeline(image_size: int = IMAGE_SIZE) -> Callable[[bytes], torch.Tensor]:
+    """Ours, then normalised on the CPU as `DualEncoder` does on the device: the float output of the reference."""
+    ours, mean, std = ours_pipeline(image_size), _MEAN * 255, _STD * 255
+    return lambda data: (ours(data).float() - mean) / std
+
+
+def _make_pipelines(image_size: int) -> dict[str, Callable[[bytes], torch.Tensor]]:
+    return {"reference": reference_pipeline(image_size), "ours": ours_pipeline(image_size),
+            "ours_cpu_normalise": ours_cpu_normalise_pipeline(image_size)}
+
+
+def to_uint8(normalised: torch.Tensor) -> torch.Tensor:
+    """A reference output (normalised float) back in 0-255 uint8."""
+    return ((normalised * _STD + _MEAN) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- measurements
+
+def _run(fn: Callable[[bytes], torch.Tensor], jpegs: list[bytes]) -> tuple[float, float]:
+    """Images/s over `jpegs` by the wall clock and by this process's CPU time."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for data in jpegs:
+        fn(data)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return len(jpegs) / wall, len(jpegs) / max(cpu, 1e-9)
+
+
+def measure_throughput(pipelines: dict[str, Callable], jpegs: list[bytes], repeats: int) -> dict[str, dict]:
+    """Per pipeline: images/s of every repeat (wall and CPU time), alternating pipelines, rotating their order."""
+    names = list(pipelines)
+    for name in names:  # warm-up: imports, allocator, caches
+        for data in jpegs[:4]:
+            pipelines[name](data)
+    runs = {name: {"wall": [], "cpu": []} for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()
+            wall, cpu = _run(pipelines[name], jpegs)
+            runs[name]["wall"].append(wall)
+            runs[name]["cpu"].append(cpu)
+    return runs
+
+
+def _paired_ratio(runs: dict[str, dict], name: str, key: str = "wall") -> float:
+    return statistics.median(a / b for a, b in zip(runs[name][key], runs["reference"][key]))
+
+
+def measure_quality(jpegs: list[bytes], image_size: int = IMAGE_SIZE) -> dict:
+    """PSNR (dB) and mean absolute difference (0-255) between our uint8 output and the de-normalised reference."""
+    ours, reference = ours_pipeline(image_size), reference_pipeline(image_size)
+    psnrs, mads, identical = [], [], 0
+    for data in jpegs:
+        a, b = ours(data).double(), to_uint8(reference(data)).double()
+        if a.shape != b.shape:
+            raise RuntimeError(f"ours gives {tuple(a.shape)}, the reference {tuple(b.shape)}")
+        mse = float(((a - b) ** 2).mean())
+        mads.append(float((a - b).abs().mean()))
+        if mse == 0:
+            identical += 1
+        else:
+            psnrs.append(10 * math.log10(255 ** 2 / mse))
+    return {"psnr_db": statistics.mean(psnrs) if psnrs else None, "psnr_min_db": min(psnrs) if psnrs else None,
+            "identical_images": identical, "mean_abs_diff": statistics.mean(mads)}
+
+
+def draft_scales(jpegs: list[bytes], image_size: int = IMAGE_SIZE) -> dict[str, int]:
+    """How many images `decode_image` decoded at each DCT scale ("1/1", "1/2", ...)."""
+    scales = Counter()
+    for data in jpegs:
+        full = Image.open(io.BytesIO(data)).size
+        drafted = decode_image(data, image_size).size
+        scales[f"1/{round(full[0] / drafted[0])}"] += 1
+    return dict(sorted(scales.items()))
+
+
+def _reference_loader(shards: list[Path], image_size: int, batch_size: int, tokenizer) -> DataLoader:
+    """open_clip_train's webdataset recipe (get_wds_dataset, without its shuffle buffers) in one worker."""
+    preprocess = open_clip.image_transform(image_size, is_train=False)
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards([str(p) for p in shards], deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.decode("pilrgb"),
+        wds.rename(image="jpg;png;jpeg;webp", text="txt;json"),
+        wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
+        wds.to_tuple("image", "text"),
+        wds.batched(batch_size, partial=False),
+    )
+    return DataLoader(pipeline, batch_size=None, num_workers=1, persistent_workers=True, prefetch_factor=4)
+
+
+def _ours_loader(shards: list[Path], image_size: int, batch_size: int, tokenizer) -> DataLoader:
+    return make_train_loader([[str(p) for p in shards]], tokenizer, image_size, batch_size, workers=1, seed=0,
+                             resampled=True, shuffle_buffer=0, crop_scale=1.0)
+
+
+def _batch_len(batch) -> int:
+    return len(batch["images"]) if isinstance(batch, dict) else len(batch[0])
+
+
+def _loader_rate(loader: DataLoader, images: int) -> float:
+    """Images/s of a loader once its worker has delivered a first batch (start-up is not timed)."""
+    it = iter(loader)
+    next(it)
+    count, start = 0, time.perf_counter()
+    while count < images:
+        count += _batch_len(next(it))
+    rate = count / (time.perf_counter() - start)
+    del it
+    return rate
+
+
+def measure_loaders(shards: list[Path], images: int, repeats: int, batch_size: int, tokenizer,
+                    image_size: int = IMAGE_SIZE) -> dict[str, list[float]]:
+    """Images/s through a one-worker DataLoader, reference and ours alternating (order rotating) over repeats."""
+    makers = {"reference": _reference_loader, "ours": _ours_loader}
+    names, runs = list(makers), {name: [] for name in makers}
+    for r in range(repeats):
+        for name in names[r % 2:] + names[:r % 2]:
+            loader = makers[name](shards, image_size, batch_size, tokenizer)
+            runs[name].append(_loader_rate(loader, images))
+            del loader
+            gc.collect()
+    return runs
+
+
+def benchmark_size(size: int, args: argparse.Namespace, cache: Path, tokenizer) -> dict:
+    """Every measurement for one stored size."""
+    shards = ensure_shards(cache, size, args.images, args.side)
+    jpegs = read_jpegs(shards)
+    pixels = 0
+    for data in jpegs:
+        w, h = Image.open(io.BytesIO(data)).size
+        pixels += w * h
+    runs = measure_throughput(_make_pipelines(IMAGE_SIZE), jpegs, args.repeats)
+    result = {
+        "size": size,
+        "side": args.side,
+        "images": len(jpegs),
+        "mean_bytes": statistics.mean(len(d) for d in jpegs),
+        "bits_per_pixel": 8 * sum(len(d) for d in jpegs) / pixels,
+        "draft_scales": draft_scales(jpegs),
+        "throughput": {name: {"median": statistics.median(r["wall"]), "runs": r["wall"],
+                              "cpu_median": statistics.median(r["cpu"]), "cpu_runs": r["cpu"]}
+                       for name, r in runs.items()},
+        "ratio": {name: _paired_ratio(runs, name) for name in PIPELINES[1:]},
+        "cpu_ratio": {name: _paired_ratio(runs, name, "cpu") for name in PIPELINES[1:]},
+        "quality": measure_quality(jpegs),
+    }
+    if not args.no_loader:
+        loader_images = max(args.batch_size, args.images // args.batch_size * args.batch_size)
+        loader_runs = measure_loaders(shards, loader_images, args.repeats, args.batch_size, tokenizer)
+        result["loader"] = {
+            "batch_size": args.batch_size,
+            "images": loader_images,
+            "throughput": {name: {"median": statistics.median(r), "runs": r} for name, r in loader_runs.items()},
+            "ratio": statistics.median(a / b for a, b in zip(loader_runs["ours"], loader_runs["reference"])),
+        }
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+def _psnr_text(q: dict) -> str:
+    if q["psnr_db"] is None:
+        return "identical"
+    text = f"{q['psnr_db']:.1f} (min {q['psnr_min_db']:.1f})"
+    return text + (f", {q['identical_images']} identical" if q["identical_images"] else "")
+
+
+def format_table(results: dict) -> str:
+    """Markdown tables of a run: decode + transform in memory, then the full one-worker pipeline."""
+    cfg = results["config"]
+    lines = [
+        f"Decode + transform to {IMAGE_SIZE} px, one process, torch threads = 1: {cfg['images']} images x "
+        f"{cfg['repeats']} repeats, median images/s (ratio: median of per-repeat ratios to the reference)",
+        "",
+        "| stored | bits/px | draft | reference | ours (uint8) | ratio | ours + CPU normalise | ratio "
+        "| PSNR dB | mean abs diff |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["sizes"]:
+        t = r["throughput"]
+        scales = ", ".join(f"{k} x{v}" if len(r["draft_scales"]) > 1 else k for k, v in r["draft_scales"].items())
+        lines.append(
+            f"| {r['side']} side {r['size']} | {r['bits_per_pixel']:.2f} | {scales} "
+            f"| {t['reference']['median']:.0f} | {t['ours']['median']:.0f} | {r['ratio']['ours']:.2f}x "
+            f"| {t['ours_cpu_normalise']['median']:.0f} | {r['ratio']['ours_cpu_normalise']:.2f}x "
+            f"| {_psnr_text(r['quality'])} | {r['quality']['mean_abs_diff']:.2f} |")
+    loaders = [r for r in results["sizes"] if "loader" in r]
+    if loaders:
+        first = loaders[0]["loader"]
+        lines += [
+            "",
+            f"Full pipeline (tar -> decode -> tokenize -> batches of {first['batch_size']}), one DataLoader worker, "
+            f"{first['images']} images x {cfg['repeats']} repeats, median images/s",
+            "",
+            "| stored | reference (open_clip_train wds recipe) | ours (ShardStream) | ratio |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in loaders:
+            t = r["loader"]["throughput"]
+            lines.append(f"| {r['side']} side {r['size']} | {t['reference']['median']:.0f} | {t['ours']['median']:.0f} "
+                         f"| {r['loader']['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "open_clip": open_clip.__version__,
+        "pillow": PIL.__version__,
+        "libjpeg_turbo": features.version("jpg") if features.check_feature("libjpeg_turbo") else None,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024], help="stored sizes in px")
+    parser.add_argument("--side", choices=("short", "long"), default="short",
+                        help="which side of the stored image has the stored size (default: short)")
+    parser.add_argument("--images", type=int, default=300, help="images per size and per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per pipeline (medians are reported)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size of the full-pipeline loaders")
+    parser.add_argument("--no-loader", action="store_true", help="skip the full-pipeline (DataLoader) measurement")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="directory for the synthetic shards, reused across runs (default: a temporary one)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.repeats < 1 or args.batch_size < 1:
+        parser.error("--images, --repeats and --batch-size must be >= 1")
+    if any(s < IMAGE_SIZE for s in args.sizes):
+        parser.error(f"--sizes must be >= {IMAGE_SIZE} (the output size); got {args.sizes}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print its tables, optionally write JSON; returns the results."""
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    tokenizer = None if args.no_loader else build_tokenizer(TOKENIZER)
+    results = {"config": {"sizes": args.sizes, "side": args.side, "images": args.images, "repeats": args.repeats,
+                          "batch_size": args.batch_size, "image_size": IMAGE_SIZE, "jpeg_quality": JPEG_QUALITY,
+                          "command": " ".join(["python", "tools/benchmark_data.py", *(sys.argv[1:] if argv is None
+                                                                                      else argv)])},
+               "environment": _environment(), "sizes": []}
+    with tempfile.TemporaryDirectory(prefix="clipalign-bench-") as tmp:
+        cache = args.cache if args.cache is not None else Path(tmp)
+        cache.mkdir(parents=True, exist_ok=True)
+        for size in args.sizes:
+            results["sizes"].append(benchmark_size(size, args, cache, tokenizer))
+            print(f"stored {size} px done", file=sys.stderr, flush=True)
+    results["environment"]["loadavg_end"] = list(os.getloadavg())
+    print(format_table(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
