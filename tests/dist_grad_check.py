@@ -7,6 +7,11 @@ max |difference| / max |reference|) and loss are from that reference:
 
     accelerate launch --multi_gpu --num_processes 2 tests/dist_grad_check.py --mode local --out result.json
     accelerate launch --multi_gpu --num_processes 4 tests/dist_grad_check.py --mode tiled --tile-size 5 --out r.json
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_grad_check.py --kind sigmoid --accum 4 --out r.json
+
+With `--accum K` each rank splits its local batch into K micro-batches and runs them through the trainer's
+gradient-cache accumulation (`clipalign.accumulate.forward_backward`); the reference is still one process on the
+whole batch, so the check is that accumulation across processes gives the gradients of the single big batch.
 
 On a machine without GPUs, `--multi_gpu` alone leaves Accelerate at DistributedType.NO (no DDP wrapping); this script
 passes `cpu=True` there, which selects gloo and DDP (the same as exporting ACCELERATE_USE_CPU=true).
@@ -23,8 +28,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from clipalign.accumulate import forward_backward
 from clipalign.config import ModelConfig
-from clipalign.loss import ContrastiveLoss
+from clipalign.loss import ContrastiveLoss, SigmoidLoss
 from clipalign.model import create_model
 
 _WORDS = ["red", "green", "blue", "small", "large", "striped", "circle", "square", "dog", "cat", "boat", "tree"]
@@ -32,7 +38,10 @@ _WORDS = ["red", "green", "blue", "small", "large", "striped", "circle", "square
 
 def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=["dense", "local", "tiled"], default="local")
+    p.add_argument("--kind", choices=["contrastive", "sigmoid"], default="contrastive")
+    p.add_argument("--mode", choices=["dense", "local", "tiled"], default="local", help="contrastive loss mode")
+    p.add_argument("--exchange", choices=["ring", "gather"], default="ring", help="sigmoid loss exchange")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per rank (gradient-cache accumulation)")
     p.add_argument("--tile-size", type=int, default=4096, help="tiled: columns per tile")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--local-batch", type=int, default=8)
@@ -42,7 +51,10 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--mismatch", action="store_true",
                    help="afterwards, give rank 1 a smaller local batch and record the loss's error as mismatch_error")
     p.add_argument("--out", required=True, help="JSON file that rank 0 writes")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.accum < 1 or args.local_batch % args.accum:
+        p.error(f"--accum {args.accum} must be a positive divisor of --local-batch {args.local_batch}")
+    return args
 
 
 def _global_batch(tokenizer, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +74,19 @@ def _reference_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
             + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
 
 
+def _reference_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):
+    """SigLIP loss of one process on the whole batch, written out independently of clipalign.loss."""
+    logits = scale * image @ text.T + bias  # (B_global, B_global)
+    labels = 2 * torch.eye(image.shape[0], dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+def _loss_fn(args: argparse.Namespace) -> torch.nn.Module:
+    if args.kind == "sigmoid":
+        return SigmoidLoss(exchange=args.exchange)
+    return ContrastiveLoss(args.mode, args.label_smoothing, tile_size=args.tile_size)
+
+
 def _mismatch_error(accelerator: Accelerator, args: argparse.Namespace) -> str | None:
     """Rank 1 brings two rows fewer; every rank should raise the same clear error instead of hanging."""
     rows = args.local_batch - 2 if accelerator.process_index == 1 else args.local_batch
@@ -75,7 +100,7 @@ def _mismatch_error(accelerator: Accelerator, args: argparse.Namespace) -> str |
 
 def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict:
     set_seed(args.seed)
-    model = create_model(ModelConfig(name="tiny-vit-64")).to(getattr(torch, args.dtype))
+    model = create_model(ModelConfig(name="tiny-vit-64"), args.kind).to(getattr(torch, args.dtype))
     reference = copy.deepcopy(model)
     world, rank, b = accelerator.num_processes, accelerator.process_index, args.local_batch
     images, tokens = _global_batch(model.tokenizer, world * b)
@@ -83,12 +108,12 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
         images = (images.double() - model.pixel_mean.double()) / model.pixel_std.double()
 
     ddp_model = accelerator.prepare(model)
-    out = ddp_model(images[rank * b:(rank + 1) * b].to(accelerator.device),
-                    tokens[rank * b:(rank + 1) * b].to(accelerator.device))
-    loss_fn = ContrastiveLoss(args.mode, args.label_smoothing, tile_size=args.tile_size)
-    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-    accelerator.backward(loss)
-    losses = accelerator.gather(loss.detach()[None]).tolist()  # (N,)
+    local_images = images[rank * b:(rank + 1) * b].to(accelerator.device)
+    local_tokens = tokens[rank * b:(rank + 1) * b].to(accelerator.device)
+    micro = b // args.accum
+    micro_batches = [(local_images[i:i + micro], local_tokens[i:i + micro]) for i in range(0, b, micro)]
+    loss = forward_backward(ddp_model, _loss_fn(args), micro_batches, accelerator)
+    losses = accelerator.gather(loss[None]).tolist()  # (N,)
     if not accelerator.is_main_process:
         return {}
 
@@ -97,8 +122,12 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
     chunks = [reference(images[i:i + b], tokens[i:i + b]) for i in range(0, world * b, b)]
     ref_out = {key: torch.cat([c[key] for c in chunks]) for key in ("image_features", "text_features")}
     ref_out["logit_scale"] = chunks[0]["logit_scale"]
-    ref_loss = _reference_loss(ref_out["image_features"], ref_out["text_features"], ref_out["logit_scale"],
-                               args.label_smoothing)
+    if args.kind == "sigmoid":
+        ref_loss = _reference_sigmoid_loss(ref_out["image_features"], ref_out["text_features"],
+                                           ref_out["logit_scale"], chunks[0]["logit_bias"])
+    else:
+        ref_loss = _reference_loss(ref_out["image_features"], ref_out["text_features"], ref_out["logit_scale"],
+                                   args.label_smoothing)
     ref_loss.backward()
 
     grads = {}
@@ -114,7 +143,7 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
                        "rel_l2": (diff.norm() / ref_p.grad.norm().clamp_min(1e-30)).item()}
 
     # dense: every rank holds the global loss; local and tiled: the mean over ranks is the global loss
-    value = losses[0] if args.mode == "dense" else sum(losses) / len(losses)
+    value = losses[0] if args.kind == "contrastive" and args.mode == "dense" else sum(losses) / len(losses)
     rel = [g["rel_diff"] for g in grads.values() if "rel_diff" in g]
     return {
         "losses": losses,
@@ -136,7 +165,8 @@ def main() -> None:
         if args.mismatch:
             result["mismatch_error"] = _mismatch_error(accelerator, args)
         if accelerator.is_main_process:
-            result.update(mode=args.mode, tile_size=args.tile_size, world_size=accelerator.num_processes,
+            result.update(kind=args.kind, mode=args.mode, exchange=args.exchange, accum=args.accum,
+                          tile_size=args.tile_size, world_size=accelerator.num_processes,
                           local_batch=args.local_batch, dtype=args.dtype,
                           distributed_type=str(accelerator.distributed_type))
             with open(args.out, "w") as f:

@@ -1,17 +1,13 @@
 """SigmoidLoss: one process against open_clip's SigLipLoss, and the DDP invariant on real gloo processes."""
 
 import contextlib
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from multiproc import run_check_script
 
 from clipalign.config import LossConfig
 from clipalign.distributed import ring_exchange_with_grad
@@ -112,25 +108,6 @@ def test_build_loss_and_its_errors():
 # ---- real processes: accelerate launch, gloo on CPU ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(num_processes: int, args: list[str], out: Path) -> dict:
-    env = dict(os.environ)
-    env["ACCELERATE_USE_CPU"] = "true"  # gloo on CPU even where GPUs exist; --multi_gpu alone gives no backend on CPU
-    env["OMP_NUM_THREADS"] = "1"  # N processes share the cores; also keeps torchrun from warning
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(SIGMOID_CHECK), *args, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def sigmoid_check(tmp_path_factory):
     """Run (once) one of the `_RUNS` under accelerate launch and return the JSON rank 0 wrote."""
@@ -139,7 +116,8 @@ def sigmoid_check(tmp_path_factory):
     def run(name: str) -> dict:
         if name not in results:
             num_processes, args = _RUNS[name]
-            results[name] = _launch(num_processes, args, tmp_path_factory.mktemp("sigmoid") / f"{name}.json")
+            out = tmp_path_factory.mktemp("sigmoid") / f"{name}.json"
+            results[name] = run_check_script(SIGMOID_CHECK, num_processes, args, out)
         return results[name]
 
     return run
