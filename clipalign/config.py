@@ -86,6 +86,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     zeroshot: str = ""  # an ImageFolder to score zero-shot at the end of training (and every `every` steps)
+    retrieval: str = ""  # a CSV of (filepath, caption) rows for image-text retrieval, evaluated with zeroshot
     every: int = 0  # steps between zero-shot evaluations during training; 0 = only at the end
     classnames: str = ""  # file with one class name per line (default: folder names, "_" read as space)
     templates: str = ""  # file with one prompt template per line, "{}" standing for the class name

@@ -1,10 +1,12 @@
-"""Zero-shot classification: score a trained dual encoder on an ImageFolder with prompts built from class names.
+"""Zero-shot evaluation: classification on an ImageFolder with prompts built from class names, and image-text
+retrieval on a captioned image set.
 
 The classifier is CLIP's recipe: every class name is put into each prompt template, the prompts are embedded and
 L2-normalised, averaged per class and normalised again; an image is assigned the class whose averaged prompt
 embedding is most similar to its own.
 
     clipalign-zeroshot --model runs/quickstart --data ~/.cache/clipalign/synthetic/n12000-px64/heldout
+    clipalign-zeroshot --model runs/quickstart --retrieval ~/.cache/clipalign/synthetic/n12000-px64/heldout/captions.csv
 """
 
 from __future__ import annotations
@@ -128,6 +130,123 @@ def _metrics(ranked: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
     return result
 
 
+class _CaptionedImages(torch.utils.data.Dataset):
+    """The distinct images of a retrieval CSV, in first-appearance order, through `transform`."""
+
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"retrieval image {path} cannot be read: {e}") from e
+
+
+def read_retrieval_csv(path: str | os.PathLike, image_key: str = "filepath", caption_key: str = "caption",
+                       separator: str | None = None) -> tuple[list[Path], list[str], list[int]]:
+    """Images, captions and each caption's image index from a CSV/TSV with one row per (image, caption) pair.
+
+    An image with several captions has several rows; relative image paths are read from the CSV's folder. The
+    separator defaults to a tab for `.tsv` files and a comma otherwise.
+
+    Raises:
+        FileNotFoundError: the CSV or an image it names is missing (naming it).
+        ValueError: a column is missing, a caption is empty, or the file has no rows (naming file, row or column).
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"retrieval CSV {path} does not exist")
+    sep = separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
+    images: dict[Path, int] = {}
+    captions, owners = [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        missing = [k for k in (image_key, caption_key) if k not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames} (choose them with "
+                             f"--csv-img-key / --csv-caption-key)")
+        for row_number, row in enumerate(reader, 2):
+            image = Path(row[image_key])
+            image = image if image.is_absolute() else path.parent / image
+            caption = (row[caption_key] or "").strip()
+            if not caption:
+                raise ValueError(f"{path}:{row_number}: empty caption for {row[image_key]}")
+            if image not in images:
+                if not image.is_file():
+                    raise FileNotFoundError(f"{path}:{row_number}: image {image} does not exist")
+                images[image] = len(images)
+            captions.append(caption)
+            owners.append(images[image])
+    if not captions:
+        raise ValueError(f"{path}: no rows; expected one row per (image, caption) pair")
+    return list(images), captions, owners
+
+
+def zero_shot_retrieval(model, csv_path: str | os.PathLike, image_key: str = "filepath",
+                        caption_key: str = "caption", batch_size: int = 128, workers: int = 0,
+                        device: str | torch.device | None = None, progress: bool = True,
+                        ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+    """Image-to-text and text-to-image recall@k of `model` on a captioned image set, counted as clip_benchmark does.
+
+    Every image is ranked against every caption by cosine similarity. Text-to-image: a caption scores a hit at k when
+    its own image is among the k most similar images. Image-to-text: an image scores a hit at k when any one of its
+    captions is among the k most similar captions. Recall@k is the mean of the hits, over captions and over images.
+
+    Returns:
+        `image_retrieval_recall@k` (text to image), `text_retrieval_recall@k` (image to text) for each k,
+        `num_images`, `num_texts`, and the chance level of each recall@1.
+    """
+    paths, captions, owners = read_retrieval_csv(csv_path, image_key, caption_key)
+    if device is not None:
+        model.to(device)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            texts = []
+            for start in range(0, len(captions), batch_size):
+                ids = tokenize(model.tokenizer, captions[start:start + batch_size]).to(device)
+                texts.append(model.encode_text(ids, normalize=True).float().cpu())
+            loader = DataLoader(_CaptionedImages(paths, _preprocess_of(model)), batch_size=batch_size,
+                                shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+            bar = tqdm(loader, desc="retrieval", unit="batch", disable=not progress or not sys.stderr.isatty())
+            images = [model.encode_image(batch.to(device, non_blocking=True), normalize=True).float().cpu()
+                      for batch in bar]
+    finally:
+        model.train(was_training)
+    return retrieval_metrics(torch.cat(texts) @ torch.cat(images).T, torch.tensor(owners), ks)
+
+
+def retrieval_metrics(scores: torch.Tensor, owners: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+    """Recall@k both ways from text-image scores (N_texts, N_images) and each text's image index (N_texts,)."""
+    num_texts, num_images = scores.shape
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(num_texts), owners] = True  # (N_texts, N_images)
+    result: dict[str, Any] = {}
+    for k in ks:
+        # text -> image: the caption's own image among its k best images
+        top_images = scores.topk(min(k, num_images), dim=1).indices  # (N_texts, k)
+        result[f"image_retrieval_recall@{k}"] = positive.gather(1, top_images).any(dim=1).double().mean().item()
+        # image -> text: any of the image's captions among its k best captions
+        top_texts = scores.T.topk(min(k, num_texts), dim=1).indices  # (N_images, k)
+        result[f"text_retrieval_recall@{k}"] = positive.T.gather(1, top_texts).any(dim=1).double().mean().item()
+    captions_per_image = torch.bincount(owners, minlength=num_images).double()
+    result.update(num_images=num_images, num_texts=num_texts, image_retrieval_chance=1.0 / num_images,
+                  text_retrieval_chance=(captions_per_image / num_texts).mean().item())
+    return result
+
+
 def _image_folder(folder: Path, transform) -> ImageFolder:
     if not folder.is_dir():
         raise FileNotFoundError(f"zero-shot data folder {folder} does not exist")
@@ -178,42 +297,55 @@ def _preprocess_of(model):
     return eval_preprocess(model)
 
 
-def _print_table(result: dict[str, Any], data: str) -> None:
-    print(f"zero-shot on {data}")
+def _print_table(result: dict[str, Any], title: str) -> None:
+    print(title)
     for key, value in result.items():
-        print(f"  {key:<24}{value:.4f}" if isinstance(value, float) else f"  {key:<24}{value}")
+        print(f"  {key:<32}{value:.4f}" if isinstance(value, float) else f"  {key:<32}{value}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`clipalign-zeroshot`: zero-shot classification of a checkpoint, run or export directory on an ImageFolder."""
+    """`clipalign-zeroshot`: zero-shot classification and/or retrieval of a checkpoint, run or export directory."""
     parser = argparse.ArgumentParser(prog="clipalign-zeroshot", description=main.__doc__)
     parser.add_argument("--model", required=True, help="checkpoint directory, run directory (latest checkpoint) "
                                                        "or export directory")
-    parser.add_argument("--data", required=True, help="ImageFolder root (one sub-folder of images per class)")
+    parser.add_argument("--data", help="classification: ImageFolder root (one sub-folder of images per class)")
     parser.add_argument("--classnames", help=f"file with one class name per line, in sorted folder order "
                                              f"(default: DATA/{CLASSNAMES_FILE}, else the folder names)")
     parser.add_argument("--templates", help=f"file with one prompt template per line, '{{}}' for the class name "
                                             f"(default: DATA/{TEMPLATES_FILE}, else a built-in set)")
+    parser.add_argument("--retrieval", help="retrieval: CSV/TSV with one row per (image, caption) pair")
+    parser.add_argument("--csv-img-key", default="filepath", help="retrieval CSV column of image paths")
+    parser.add_argument("--csv-caption-key", default="caption", help="retrieval CSV column of captions")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help="write the results here as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if not args.data and not args.retrieval:
+        parser.error("give --data (classification), --retrieval (retrieval) or both")
 
     from clipalign.model import load
 
     model = load(args.model, device=args.device)
-    result = zero_shot_classification(
-        model, args.data,
-        classnames=read_lines(args.classnames) if args.classnames else None,
-        templates=read_lines(args.templates) if args.templates else None,
-        batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
-    _print_table(result, args.data)
+    out: dict[str, Any] = {"model": str(args.model)}
+    if args.data:
+        result = zero_shot_classification(
+            model, args.data,
+            classnames=read_lines(args.classnames) if args.classnames else None,
+            templates=read_lines(args.templates) if args.templates else None,
+            batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+        _print_table(result, f"zero-shot classification on {args.data}")
+        out.update(data=str(args.data), **result)
+    if args.retrieval:
+        result = zero_shot_retrieval(model, args.retrieval, args.csv_img_key, args.csv_caption_key,
+                                     batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+        _print_table(result, f"zero-shot retrieval on {args.retrieval}")
+        out["retrieval"] = {"data": str(args.retrieval), **result}
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model": str(args.model), "data": str(args.data), **result}, indent=2) + "\n")
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

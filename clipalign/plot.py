@@ -47,23 +47,22 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             if number == len(lines):
                 continue
             raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-        (zeroshot if "zeroshot" in record else train).append(record)
+        (zeroshot if "zeroshot" in record or "retrieval" in record else train).append(record)
     return train, zeroshot
 
 
-_NOT_CURVES = ("num_images", "num_classes", "num_texts", "chance")
+_NOT_CURVES = ("num_images", "num_classes", "num_texts")
+_EVAL_KINDS = {"zeroshot": "zero-shot classification", "retrieval": "zero-shot retrieval"}
 
 
 def _zeroshot_series(lines: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """eval set ("" when the results are not per set) -> metric -> [(step, value)]; chance is kept as "chance"."""
+    """evaluation panel -> metric -> [(step, value)]; metrics ending in "chance" are chance levels."""
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for line in lines:
-        result = line["zeroshot"]
-        sets = result if result and all(isinstance(v, dict) for v in result.values()) else {"": result}
-        for set_name, metrics in sets.items():
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and (key == "chance" or key not in _NOT_CURVES):
-                    series.setdefault(set_name, {}).setdefault(key, []).append((line["step"], float(value)))
+        for kind, title in _EVAL_KINDS.items():
+            for key, value in line.get(kind, {}).items():
+                if isinstance(value, (int, float)) and key not in _NOT_CURVES:
+                    series.setdefault(title, {}).setdefault(key, []).append((line["step"], float(value)))
     return series
 
 
@@ -99,11 +98,11 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> P
         ax = next(axes_left)
         for name, series in zeroshot.items():
             for metric, points in series.get(set_name, {}).items():
-                if metric == "chance":
-                    ax.axhline(points[-1][1], linestyle="--", color="grey", label="chance")
+                if metric.endswith("chance"):
+                    ax.axhline(points[-1][1], linestyle="--", color="grey", label=metric.replace("_", " "))
                 else:
                     ax.plot(*zip(*points), marker="o", label=f"{_label(name, runs)}{metric}")
-        ax.set(title=f"zero-shot {set_name}".strip(), xlabel="step", ylim=(0, 1.02))
+        ax.set(title=set_name, xlabel="step", ylim=(0, 1.02))
         _finish(ax, legend=True)
     for ax in axes_left:
         ax.set_visible(False)

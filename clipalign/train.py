@@ -75,7 +75,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 def _prepare_data(cfg: Config, accelerator: Accelerator, image_size: int) -> None:
-    """Fill in data.train (and eval.zeroshot) from the synthetic set when the recipe asks for it."""
+    """Fill in data.train (and eval.zeroshot, eval.retrieval) from the synthetic set when the recipe asks for it."""
     if cfg.data.train or not cfg.data.synthetic:
         return
     root = cache_dir(cfg) / "synthetic" / f"n{cfg.data.synthetic_samples}-px{image_size}"
@@ -85,6 +85,8 @@ def _prepare_data(cfg: Config, accelerator: Accelerator, image_size: int) -> Non
     cfg.data.train = ds.train_pattern
     if not cfg.eval.zeroshot:
         cfg.eval.zeroshot = str(ds.heldout_dir)
+    if not cfg.eval.retrieval:
+        cfg.eval.retrieval = str(ds.heldout_captions)
 
 
 def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
@@ -294,12 +296,14 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 accelerator.log({k: v for k, v in last.items() if k != "skipped"}, step=step)
             window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
 
-        if cfg.eval.zeroshot and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+        if (cfg.eval.zeroshot or cfg.eval.retrieval) and cfg.eval.every and step % cfg.eval.every == 0 \
+                and step < cfg.train.steps:
             if main:
-                result = _zero_shot(cfg, raw_model)
-                _append_jsonl(metrics_path, {"step": step, "zeroshot": result})
+                results = _evaluate(cfg, raw_model)
+                _append_jsonl(metrics_path, {"step": step, **results})
                 if log_with:
-                    accelerator.log({f"zeroshot/{k}": v for k, v in result.items()}, step=step)
+                    accelerator.log({f"{kind}/{k}": v for kind, result in results.items() for k, v in result.items()
+                                     if isinstance(v, (int, float))}, step=step)
             accelerator.wait_for_everyone()
             window_start = time.perf_counter()  # evaluation time is not training time
 
@@ -319,22 +323,30 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     return summary
 
 
-def _zero_shot(cfg: Config, model) -> dict:
-    from clipalign.evaluate import read_lines, zero_shot_classification
+def _evaluate(cfg: Config, model) -> dict:
+    """The configured evaluations: {"zeroshot": classification results, "retrieval": retrieval results}."""
+    from clipalign.evaluate import read_lines, zero_shot_classification, zero_shot_retrieval
 
-    classnames = read_lines(cfg.eval.classnames) if cfg.eval.classnames else None
-    templates = read_lines(cfg.eval.templates) if cfg.eval.templates else None
-    return zero_shot_classification(model, cfg.eval.zeroshot, classnames=classnames, templates=templates,
-                                    batch_size=cfg.eval.batch_size, progress=False)
+    results = {}
+    if cfg.eval.zeroshot:
+        classnames = read_lines(cfg.eval.classnames) if cfg.eval.classnames else None
+        templates = read_lines(cfg.eval.templates) if cfg.eval.templates else None
+        results["zeroshot"] = zero_shot_classification(model, cfg.eval.zeroshot, classnames=classnames,
+                                                       templates=templates, batch_size=cfg.eval.batch_size,
+                                                       progress=False)
+    if cfg.eval.retrieval:
+        results["retrieval"] = zero_shot_retrieval(model, cfg.eval.retrieval, batch_size=cfg.eval.batch_size,
+                                                   progress=False)
+    return results
 
 
 def _evaluate_and_export(cfg: Config, model, checkpoint: Path, metrics_path: Path) -> dict:
     from clipalign.export import export_model
 
     out: dict = {}
-    if cfg.eval.zeroshot:
-        out["zeroshot"] = _zero_shot(cfg, model)
-        _append_jsonl(metrics_path, {"step": read_trainer_state(checkpoint)["step"], "zeroshot": out["zeroshot"]})
+    if cfg.eval.zeroshot or cfg.eval.retrieval:
+        out.update(_evaluate(cfg, model))
+        _append_jsonl(metrics_path, {"step": read_trainer_state(checkpoint)["step"], **out})
     if cfg.export.dir:
         out["export"] = str(export_model(checkpoint, cfg.export.dir, onnx=cfg.export.onnx))
     return out

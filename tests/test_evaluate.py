@@ -123,3 +123,73 @@ def test_cli_scores_a_checkpoint_and_writes_json(model, folder, tmp_path, capsys
     expected = zero_shot_classification(model, folder, progress=False)
     assert written["top1"] == pytest.approx(expected["top1"])
     assert "top1" in capsys.readouterr().out
+
+
+# ---- retrieval -------------------------------------------------------------------------------------------------------
+
+
+def test_retrieval_metrics_count_hits_as_clip_papers_do():
+    from clipalign.evaluate import retrieval_metrics
+
+    # 3 images; image 0 has captions 0 and 1, image 1 caption 2, image 2 caption 3. Scores are (texts, images).
+    owners = torch.tensor([0, 0, 1, 2])
+    scores = torch.tensor([[0.9, 0.1, 0.0],   # caption 0 -> image 0 first: hit@1
+                           [0.1, 0.8, 0.0],   # caption 1 -> image 1 first, its image second: hit@2 only
+                           [0.0, 0.2, 0.7],   # caption 2 -> image 2 first, image 1 second
+                           [0.0, 0.1, 0.6]])  # caption 3 -> image 2: hit@1
+    r = retrieval_metrics(scores, owners, ks=(1, 2))
+    assert r["image_retrieval_recall@1"] == pytest.approx(2 / 4)
+    assert r["image_retrieval_recall@2"] == pytest.approx(4 / 4)
+    # image 0: best caption 0 (its own): hit. image 1: best caption 1 (0.8, not its own), then 2: hit@2.
+    # image 2: best caption 2 (0.7, not its own), then caption 3: hit@2.
+    assert r["text_retrieval_recall@1"] == pytest.approx(1 / 3)
+    assert r["text_retrieval_recall@2"] == pytest.approx(3 / 3)
+    assert (r["num_images"], r["num_texts"]) == (3, 4)
+    assert r["image_retrieval_chance"] == pytest.approx(1 / 3)
+    assert r["text_retrieval_chance"] == pytest.approx((2 / 4 + 1 / 4 + 1 / 4) / 3)
+
+
+def test_retrieval_csv_errors_name_file_row_and_column(tmp_path):
+    from clipalign.evaluate import read_retrieval_csv
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    good = tmp_path / "good.tsv"
+    good.write_text("img\ttext\na.png\tfirst\na.png\tsecond\n")
+    paths, captions, owners = read_retrieval_csv(good, image_key="img", caption_key="text")
+    assert paths == [tmp_path / "a.png"] and captions == ["first", "second"] and owners == [0, 0]
+    with pytest.raises(ValueError, match=r"no column 'filepath'; columns are \['img', 'text'\]"):
+        read_retrieval_csv(good)
+    (tmp_path / "missing.csv").write_text("filepath,caption\na.png,ok\nb.png,gone\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.csv:3: image .*b\.png does not exist"):
+        read_retrieval_csv(tmp_path / "missing.csv")
+    (tmp_path / "empty_caption.csv").write_text("filepath,caption\na.png,\n")
+    with pytest.raises(ValueError, match=r"empty_caption\.csv:2: empty caption for a\.png"):
+        read_retrieval_csv(tmp_path / "empty_caption.csv")
+    with pytest.raises(FileNotFoundError, match="retrieval CSV .*nope.csv does not exist"):
+        read_retrieval_csv(tmp_path / "nope.csv")
+
+
+def test_cli_retrieval_and_classification_in_one_json(model, folder, tmp_path, capsys):
+    cfg = Config()
+    cfg.model.name = "tiny-vit-64"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        accelerator.prepare(model)
+        save_checkpoint(accelerator, tmp_path / "run", 5, cfg, {"samples_seen": 40})
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    images = sorted(folder.rglob("*.png"))
+    rows = ["filepath,caption"] + [f"{p},a {p.parent.name.replace('_', ' ')} square" for p in images]
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval.json"
+    main(["--model", str(tmp_path / "run"), "--data", str(folder), "--retrieval", str(tmp_path / "captions.csv"),
+          "--output", str(out), "--batch-size", "5", "--device", "cpu", "--no-progress"])
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 12 and "top1" in result
+    assert result["retrieval"]["num_images"] == result["retrieval"]["num_texts"] == 12
+    assert 0 <= result["retrieval"]["text_retrieval_recall@1"] <= result["retrieval"]["text_retrieval_recall@10"]
+    printed = capsys.readouterr().out
+    assert "zero-shot retrieval on" in printed and "image_retrieval_recall@5" in printed
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "run")])  # neither --data nor --retrieval

@@ -231,3 +231,21 @@ def test_two_processes_at_once_agree(tmp_path: Path) -> None:
     assert patterns[0] == patterns[1] == str(tmp_path / "ds" / "train-{000000..000001}.tar")
     assert len(_read_train(patterns[0])) == 40
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # the loser removed its temporary copy
+
+
+def test_heldout_captions_are_true_and_restored_when_missing(dataset: SyntheticDataset) -> None:
+    import csv
+
+    with open(dataset.heldout_captions, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    images = sorted({row["filepath"] for row in rows})
+    assert images == sorted(str(p.relative_to(dataset.heldout_dir)) for p in dataset.heldout_dir.rglob("*.jpg"))
+    assert len(rows) == 2 * len(images)
+    for row in rows:
+        colour, shape = Path(row["filepath"]).parent.name.split("_")
+        assert f"{colour} {shape}" in row["caption"], row
+    # a set drawn before the captions existed gets them, the same ones, on its next use
+    before = dataset.heldout_captions.read_bytes()
+    dataset.heldout_captions.unlink()
+    again = make_synthetic_dataset(dataset.root, **SMALL)
+    assert again.heldout_captions.read_bytes() == before

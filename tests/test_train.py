@@ -58,12 +58,14 @@ def test_quickstart_recipe_end_to_end_single_process(tmp_path):
     assert all(m["skipped"] == {} for m in steps)
     zeroshot = [m for m in metrics if "zeroshot" in m]
     assert len(zeroshot) == 1 and zeroshot[0]["zeroshot"]["num_classes"] == 30
+    # retrieval on the synthetic held-out captions, in the same line: 600 images, two captions each
+    assert (zeroshot[0]["retrieval"]["num_images"], zeroshot[0]["retrieval"]["num_texts"]) == (600, 1200)
     ckpts = list_checkpoints(run)
     assert [c.name for c in ckpts] == ["step_00000006"] and read_trainer_state(ckpts[0])["step"] == 6
     assert list(run.rglob("events.out.tfevents.*"))
     assert (run / "export" / "open_clip_model.safetensors").is_file()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["step"] == 6 and "top1" in summary["zeroshot"]
+    assert summary["step"] == 6 and "top1" in summary["zeroshot"] and "text_retrieval_recall@5" in summary["retrieval"]
 
 
 @pytest.mark.slow

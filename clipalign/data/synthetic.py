@@ -13,6 +13,7 @@ of every object and is always true to the image (size, position and relation wor
                             drawn from a random stream disjoint from the training one
     heldout/classnames.txt  one class name per line, in ImageFolder's (sorted folder) order, e.g. "red circle"
     heldout/templates.txt   prompt templates with "{}"
+    heldout/captions.csv    `filepath,caption` rows, two true captions per held-out image, for retrieval
     _complete.json          the parameters and the shard names; written last
 
 `root` holds one data set: calling again with the same parameters returns it without redrawing; with different
@@ -96,6 +97,11 @@ class SyntheticDataset:
     classnames: list[str]  # "red circle", ... in the class-index order of ImageFolder(heldout_dir)
     templates: list[str]  # zero-shot prompt templates with "{}"
     train_samples: int
+
+    @property
+    def heldout_captions(self) -> Path:
+        """The held-out images' captions for retrieval: a CSV with `filepath` (relative to it) and `caption`."""
+        return self.heldout_dir / HELDOUT_CAPTIONS
 
 
 def heldout_classes() -> list[str]:
@@ -360,16 +366,41 @@ def _train_samples(params: dict) -> Iterator[dict]:
         yield {"__key__": f"{index:09d}", "jpg": image_to_bytes(img, "jpg", JPEG_QUALITY), "txt": caption, "json": meta}
 
 
-def _write_heldout(heldout: Path, params: dict) -> None:
+HELDOUT_CAPTIONS = "captions.csv"
+CAPTIONS_PER_HELDOUT_IMAGE = 2
+
+
+def _heldout_images(params: dict) -> Iterator[tuple[str, Image.Image, dict, str]]:
+    """(relative path, image, object, position) of every held-out image, in a fixed order."""
     # a string seed of its own: a stream disjoint from the training one for every integer seed
     rng = random.Random(f"clipalign-synthetic/heldout/{params['seed']}")
     for name in heldout_classes():
         colour, shape = name.split("_")
-        folder = heldout / name
-        folder.mkdir(parents=True)
         for index in range(params["heldout_per_class"]):
-            img, _, _ = _draw_single(rng, params["image_size"], colour, shape)
-            (folder / f"{index:04d}.jpg").write_bytes(image_to_bytes(img, "jpg", JPEG_QUALITY))
+            img, obj, position = _draw_single(rng, params["image_size"], colour, shape)
+            yield f"{name}/{index:04d}.jpg", img, obj, position
+
+
+def _write_heldout_captions(heldout: Path, params: dict) -> None:
+    """captions.csv for the held-out images; its own random stream, so the images do not depend on it."""
+    import csv
+
+    rng = random.Random(f"clipalign-synthetic/heldout-captions/{params['seed']}")
+    tmp = heldout / f".{HELDOUT_CAPTIONS}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "caption"])
+        for path, _, obj, position in _heldout_images(params):
+            for _ in range(CAPTIONS_PER_HELDOUT_IMAGE):
+                writer.writerow([path, _single_caption(rng, obj, position)])
+    os.replace(tmp, heldout / HELDOUT_CAPTIONS)  # atomic: readers never see half a file
+
+
+def _write_heldout(heldout: Path, params: dict) -> None:
+    for path, img, _, _ in _heldout_images(params):
+        (heldout / path).parent.mkdir(parents=True, exist_ok=True)
+        (heldout / path).write_bytes(image_to_bytes(img, "jpg", JPEG_QUALITY))
+    _write_heldout_captions(heldout, params)
     classnames = [name.replace("_", " ") for name in heldout_classes()]
     (heldout / "classnames.txt").write_text("\n".join(classnames) + "\n", encoding="utf-8")
     (heldout / "templates.txt").write_text("\n".join(TEMPLATES) + "\n", encoding="utf-8")
@@ -397,6 +428,8 @@ def _existing_dataset(root: Path, params: dict) -> SyntheticDataset | None:
             f"remove it or choose another directory"
         )
     heldout = root / "heldout"
+    if not (heldout / HELDOUT_CAPTIONS).is_file():  # a set drawn before held-out captions existed: add them
+        _write_heldout_captions(heldout, params)
     shards = [root / name for name in marker["train_shards"]]
     return SyntheticDataset(
         root=root,
