@@ -99,6 +99,17 @@ def test_truncated_tar_does_not_stop_the_stream(tmp_path, tokenizer):
     assert skipped.get("unreadable_tar", 0) >= 1
 
 
+def test_pipe_sources_stream_like_local_files(tmp_path, tokenizer):
+    """A `pipe:` URL (how object storage is read: `pipe:aws s3 cp s3://... -`) mixed with a local path."""
+    _write(tmp_path / "a.tar", [_good(i) for i in range(3)])
+    _write(tmp_path / "b.tar", [_good(i + 10) for i in range(3)])
+    stream = ShardStream([str(tmp_path / "a.tar"), f"pipe:cat {tmp_path / 'b.tar'}"], tokenizer, image_size=32,
+                         batch_size=6, resampled=False, shuffle_buffer=0)
+    batch = next(iter(stream))
+    assert sorted(batch["keys"]) == sorted([f"good{i:04d}" for i in (0, 1, 2, 10, 11, 12)])
+    assert batch["skipped"] == {}
+
+
 def test_images_keep_content_and_geometry(tmp_path, tokenizer):
     _write(tmp_path / "one.tar", [{"__key__": "k", "png": _image_bytes("png", (64, 48), (10, 200, 40)), "txt": "g"}])
     stream = ShardStream([str(tmp_path / "one.tar")], tokenizer, image_size=16, batch_size=1, resampled=False,
