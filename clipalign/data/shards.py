@@ -8,6 +8,7 @@ trainer can sum them exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -133,13 +134,28 @@ def decode_samples(samples, transform: Callable, image_size: int, counter: SkipC
             counter.skip("no_caption")
             continue
         try:
-            with torch.random.fork_rng(devices=[]):  # leave the process's own RNG alone (workers=0 shares it)
-                torch.manual_seed(seed)
+            with _seeded_cpu_rng(seed):
                 image = transform(decode_image(data, image_size))
         except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
             counter.skip("bad_image")
             continue
         yield sample["__key__"], image, caption
+
+
+@contextlib.contextmanager
+def _seeded_cpu_rng(seed: int):
+    """Run with torch's CPU generator seeded by `seed`, then give the process its own RNG state back.
+
+    Not `torch.manual_seed` under `fork_rng`: on a CUDA build `manual_seed` also queues a lazy CUDA seeding call,
+    capturing a stack trace each time, which cost more per sample than decoding a small image.
+    """
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 class _Cursor:
