@@ -31,6 +31,7 @@ walks it once, without replacement).
     python tools/benchmark_train.py --precision bf16 fp32 --json out.json
     python tools/benchmark_train.py --model ViT-B-32 --batch-size 16 --samples 480 --precision fp32
     python tools/benchmark_train.py --skip-reference --samples 48 --batch-size 8   # ours only (no venv needed)
+    python tools/benchmark_train.py --ours-args train.compile=true                # our speed flags on
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def run_ours(args: argparse.Namespace, data: str, precision: str, steps: int, wo
            f"model.name={args.model}", f"data.batch_size={args.batch_size}", f"data.workers={args.workers}",
            f"train.precision={precision}", f"train.steps={steps}", f"train.log_every={args.log_every}",
            f"train.output_dir={out}", "export.dir=", "eval.zeroshot=", "train.log_with=none",
-           f"optim.warmup_steps={LR_WARMUP_STEPS}", f"train.cpu_threads={args.threads}"]
+           f"optim.warmup_steps={LR_WARMUP_STEPS}", f"train.cpu_threads={args.threads}", *args.ours_args]
     env = _thread_env(os.environ, args.threads, args.device)
     load = os.getloadavg()[0]
     wall = _run_logged(cmd, env, work / "ours.log", REPO)
@@ -260,6 +261,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drop-steps", type=int, default=10, help="log lines at or before this step are warm-up")
     p.add_argument("--reference-venv", default=str(DEFAULT_VENV),
                    help="virtual environment with open_clip_train 3.3.0 (created when it has no python)")
+    p.add_argument("--ours-args", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra recipe overrides for our trainer only, e.g. train.compile=true (printed with the table)")
     p.add_argument("--skip-reference", action="store_true", help="measure only ours (no reference environment)")
     p.add_argument("--wait-load", type=float, default=0.0,
                    help="before measuring, wait until the 1-minute load average is below this (0 = do not wait)")
@@ -311,6 +314,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{args.repeats} repeats; {args.threads} threads on both sides (OMP_NUM_THREADS, MKL_NUM_THREADS, "
           f"torch.set_num_threads), {args.workers} data worker(s), device {args.device}; windows of {args.log_every} "
           f"steps, lines up to step {args.drop_steps} dropped", flush=True)
+    if args.ours_args:
+        print(f"ours with: {' '.join(args.ours_args)}", flush=True)
     runs: dict[str, dict[str, list[dict]]] = {p: {"ours": [], "reference": []} for p in args.precision}
     for repeat in range(args.repeats):
         for precision in args.precision:
@@ -352,6 +357,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{_fmt(row['reference_runs'])} (single-step N/s medians {_fmt(row['reference_step_rate_runs'])})")
     if args.json:
         Path(args.json).write_text(json.dumps({"argv": sys.argv if argv is None else argv, "threads": args.threads,
+                                               "ours_args": args.ours_args,
                                                "cores": os.cpu_count(), "load_wait": load_wait, "rows": rows,
                                                "runs": runs}, indent=1))
     return rows
