@@ -70,7 +70,8 @@ def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[s
 
 def zero_shot_classification(model, folder: str | os.PathLike, classnames: Sequence[str] | None = None,
                              templates: Sequence[str] | None = None, batch_size: int = 128, workers: int = 0,
-                             device: str | torch.device | None = None, progress: bool = True) -> dict[str, Any]:
+                             device: str | torch.device | None = None, progress: bool = True,
+                             confusion: bool = False) -> dict[str, Any]:
     """Zero-shot accuracy of `model` on an ImageFolder (one sub-folder of images per class).
 
     Class names default to `classnames.txt` in the folder root, else the folder names with "_" read as a space;
@@ -85,9 +86,12 @@ def zero_shot_classification(model, folder: str | os.PathLike, classnames: Seque
         workers: DataLoader worker processes.
         device: where to run; the model is moved there. None keeps the model where it is.
         progress: show a progress bar (only ever on a terminal).
+        confusion: also return the confusion matrix.
 
     Returns:
-        `top1`, `top5` (with 5 classes or more), `mean_per_class_recall`, `num_images`, `num_classes` and `chance`.
+        `top1`, `top5` (with 5 classes or more), `mean_per_class_recall`, `num_images`, `num_classes`, `chance`,
+        `per_class_top1` (class name -> top-1 accuracy of its images) and, with `confusion`, `confusion_matrix`
+        (rows: true class, columns: predicted class, counts; in class order) with `classnames`.
     """
     dataset = _image_folder(Path(folder), _preprocess_of(model))
     classnames = _classnames_for(dataset, classnames)
@@ -111,7 +115,49 @@ def zero_shot_classification(model, folder: str | os.PathLike, classnames: Seque
                 labels.append(targets)
     finally:
         model.train(was_training)
-    return _metrics(torch.cat(ranked), torch.cat(labels), len(classnames))
+    ranked, labels = torch.cat(ranked), torch.cat(labels)
+    result = _metrics(ranked, labels, len(classnames))
+    matrix = confusion_matrix(ranked[:, 0], labels, len(classnames))  # (C, C)
+    per_class = matrix.diagonal().double() / matrix.sum(dim=1).clamp_min(1)
+    present = matrix.sum(dim=1) > 0
+    result["per_class_top1"] = {name: acc for name, acc, seen in zip(classnames, per_class.tolist(), present.tolist())
+                                if seen}
+    if confusion:
+        result.update(classnames=classnames, confusion_matrix=matrix.tolist())
+    return result
+
+
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts (C, C): row = true class, column = predicted class."""
+    return torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes).view(
+        num_classes, num_classes)
+
+
+def plot_confusion(classnames: Sequence[str], matrix: Sequence[Sequence[int]], path: str | os.PathLike) -> Path:
+    """Draw a confusion matrix (rows normalised to recall) into a PNG; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit('--confusion-png needs matplotlib: pip install "clipalign[plot]"') from None
+    counts = torch.tensor(matrix, dtype=torch.float64)
+    rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    size = min(4 + 0.25 * len(classnames), 40)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if len(classnames) <= 100:
+        ticks = range(len(classnames))
+        ax.set_xticks(ticks, classnames, rotation=90, fontsize="small")
+        ax.set_yticks(ticks, classnames, fontsize="small")
+    ax.set(xlabel="predicted", ylabel="true", title="zero-shot confusion (row-normalised)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _metrics(ranked: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
@@ -313,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                              f"(default: DATA/{CLASSNAMES_FILE}, else the folder names)")
     parser.add_argument("--templates", help=f"file with one prompt template per line, '{{}}' for the class name "
                                             f"(default: DATA/{TEMPLATES_FILE}, else a built-in set)")
+    parser.add_argument("--confusion", action="store_true", help="classification: add the confusion matrix to --output")
+    parser.add_argument("--confusion-png", help="classification: draw the confusion matrix into this PNG")
     parser.add_argument("--retrieval", help="retrieval: CSV/TSV with one row per (image, caption) pair")
     parser.add_argument("--csv-img-key", default="filepath", help="retrieval CSV column of image paths")
     parser.add_argument("--csv-caption-key", default="caption", help="retrieval CSV column of captions")
@@ -334,8 +382,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             model, args.data,
             classnames=read_lines(args.classnames) if args.classnames else None,
             templates=read_lines(args.templates) if args.templates else None,
-            batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
-        _print_table(result, f"zero-shot classification on {args.data}")
+            batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+            confusion=args.confusion or bool(args.confusion_png))
+        if args.confusion_png:
+            png = plot_confusion(result["classnames"], result["confusion_matrix"], args.confusion_png)
+            print(f"confusion matrix: {png}")
+            if not args.confusion:
+                del result["classnames"], result["confusion_matrix"]
+        _print_table({k: v for k, v in result.items() if not isinstance(v, (dict, list))},
+                     f"zero-shot classification on {args.data}")
         out.update(data=str(args.data), **result)
     if args.retrieval:
         result = zero_shot_retrieval(model, args.retrieval, args.csv_img_key, args.csv_caption_key,

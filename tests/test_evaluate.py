@@ -59,7 +59,8 @@ def test_top1_and_recall_match_a_direct_computation(model, folder):
     result = zero_shot_classification(model, folder, batch_size=5, progress=False)  # 12 images in 3 batches
     assert model.training  # the caller's mode is restored
     model.eval()
-    assert set(result) == {"top1", "mean_per_class_recall", "num_images", "num_classes", "chance"}  # < 5 classes
+    assert set(result) == {"top1", "mean_per_class_recall", "num_images", "num_classes", "chance",
+                           "per_class_top1"}  # no top5 with < 5 classes
     assert result["num_images"] == 12 and result["num_classes"] == 3
     assert result["chance"] == pytest.approx(1 / 3)
 
@@ -72,6 +73,7 @@ def test_top1_and_recall_match_a_direct_computation(model, folder):
     assert result["top1"] == pytest.approx((predicted == labels).float().mean().item())
     recall = [(predicted[labels == c] == c).float().mean().item() for c in range(3)]
     assert result["mean_per_class_recall"] == pytest.approx(sum(recall) / 3)
+    assert list(result["per_class_top1"].values()) == pytest.approx(recall)
 
 
 def test_top5_reported_from_five_classes(model, tmp_path):
@@ -193,3 +195,39 @@ def test_cli_retrieval_and_classification_in_one_json(model, folder, tmp_path, c
     assert "zero-shot retrieval on" in printed and "image_retrieval_recall@5" in printed
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "run")])  # neither --data nor --retrieval
+
+
+def test_per_class_accuracy_and_confusion_matrix(model, folder, tmp_path, capsys):
+    from clipalign.evaluate import confusion_matrix
+
+    result = zero_shot_classification(model, folder, progress=False, confusion=True)
+    matrix = torch.tensor(result["confusion_matrix"])
+    assert matrix.shape == (3, 3) and matrix.sum().item() == 12 and matrix.sum(dim=1).tolist() == [4, 4, 4]
+    assert result["classnames"] == ["blue", "green", "light red"]
+    assert result["top1"] == pytest.approx(matrix.diagonal().sum().item() / 12)
+    expected = {name: pytest.approx(matrix[i, i].item() / 4) for i, name in enumerate(result["classnames"])}
+    assert result["per_class_top1"] == expected
+    assert result["mean_per_class_recall"] == pytest.approx(sum(result["per_class_top1"].values()) / 3)
+    # rows are true classes, columns predictions
+    assert confusion_matrix(torch.tensor([1, 1, 0]), torch.tensor([0, 1, 0]), 2).tolist() == [[1, 1], [0, 1]]
+    assert "confusion_matrix" not in zero_shot_classification(model, folder, progress=False)
+
+
+def test_cli_confusion_png(model, folder, tmp_path, capsys):
+    cfg = Config()
+    cfg.model.name = "tiny-vit-64"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        accelerator.prepare(model)
+        save_checkpoint(accelerator, tmp_path / "run", 5, cfg, {"samples_seen": 40})
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    png, out = tmp_path / "confusion.png", tmp_path / "zs.json"
+    main(["--model", str(tmp_path / "run"), "--data", str(folder), "--confusion-png", str(png), "--output", str(out),
+          "--device", "cpu", "--no-progress"])
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+    written = json.loads(out.read_text())
+    assert "confusion_matrix" not in written and set(written["per_class_top1"]) == {"blue", "green", "light red"}
+    assert f"confusion matrix: {png}" in capsys.readouterr().out
