@@ -12,6 +12,7 @@ embedding is most similar to its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -96,25 +97,17 @@ def zero_shot_classification(model, folder: str | os.PathLike, classnames: Seque
     dataset = _image_folder(Path(folder), _preprocess_of(model))
     classnames = _classnames_for(dataset, classnames)
     templates = list(templates) if templates is not None else _templates_for(Path(folder))
-    if device is not None:
-        model.to(device)
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            classifier = zero_shot_classifier(model, classnames, templates, batch_size)  # (D, C)
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                pin_memory=device.type == "cuda")
-            ranked, labels = [], []
-            bar = tqdm(loader, desc="zero-shot", unit="batch", disable=not progress or not sys.stderr.isatty())
-            for images, targets in bar:
-                features = model.encode_image(images.to(device, non_blocking=True), normalize=True).float()
-                logits = features @ classifier  # (B, C)
-                ranked.append(logits.topk(min(5, len(classnames)), dim=1).indices.cpu())  # (B, k)
-                labels.append(targets)
-    finally:
-        model.train(was_training)
+    with _evaluating(model, device) as device:
+        classifier = zero_shot_classifier(model, classnames, templates, batch_size)  # (D, C)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                            pin_memory=device.type == "cuda")
+        ranked, labels = [], []
+        bar = tqdm(loader, desc="zero-shot", unit="batch", disable=not progress or not sys.stderr.isatty())
+        for images, targets in bar:
+            features = model.encode_image(images.to(device, non_blocking=True), normalize=True).float()
+            logits = features @ classifier  # (B, C)
+            ranked.append(logits.topk(min(5, len(classnames)), dim=1).indices.cpu())  # (B, k)
+            labels.append(targets)
     ranked, labels = torch.cat(ranked), torch.cat(labels)
     result = _metrics(ranked, labels, len(classnames))
     matrix = confusion_matrix(ranked[:, 0], labels, len(classnames))  # (C, C)
@@ -135,13 +128,9 @@ def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes:
 
 def plot_confusion(classnames: Sequence[str], matrix: Sequence[Sequence[int]], path: str | os.PathLike) -> Path:
     """Draw a confusion matrix (rows normalised to recall) into a PNG; needs matplotlib."""
-    try:
-        import matplotlib
+    from clipalign.plot import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit('--confusion-png needs matplotlib: pip install "clipalign[plot]"') from None
+    plt = pyplot("--confusion-png")
     counts = torch.tensor(matrix, dtype=torch.float64)
     rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     size = min(4 + 0.25 * len(classnames), 40)
@@ -153,11 +142,7 @@ def plot_confusion(classnames: Sequence[str], matrix: Sequence[Sequence[int]], p
         ax.set_yticks(ticks, classnames, fontsize="small")
     ax.set(xlabel="predicted", ylabel="true", title="zero-shot confusion (row-normalised)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _metrics(ranked: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
@@ -253,24 +238,16 @@ def zero_shot_retrieval(model, csv_path: str | os.PathLike, image_key: str = "fi
         `num_images`, `num_texts`, and the chance level of each recall@1.
     """
     paths, captions, owners = read_retrieval_csv(csv_path, image_key, caption_key)
-    if device is not None:
-        model.to(device)
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            texts = []
-            for start in range(0, len(captions), batch_size):
-                ids = tokenize(model.tokenizer, captions[start:start + batch_size]).to(device)
-                texts.append(model.encode_text(ids, normalize=True).float().cpu())
-            loader = DataLoader(_CaptionedImages(paths, _preprocess_of(model)), batch_size=batch_size,
-                                shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
-            bar = tqdm(loader, desc="retrieval", unit="batch", disable=not progress or not sys.stderr.isatty())
-            images = [model.encode_image(batch.to(device, non_blocking=True), normalize=True).float().cpu()
-                      for batch in bar]
-    finally:
-        model.train(was_training)
+    with _evaluating(model, device) as device:
+        texts = []
+        for start in range(0, len(captions), batch_size):
+            ids = tokenize(model.tokenizer, captions[start:start + batch_size]).to(device)
+            texts.append(model.encode_text(ids, normalize=True).float().cpu())
+        loader = DataLoader(_CaptionedImages(paths, _preprocess_of(model)), batch_size=batch_size,
+                            shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+        bar = tqdm(loader, desc="retrieval", unit="batch", disable=not progress or not sys.stderr.isatty())
+        images = [model.encode_image(batch.to(device, non_blocking=True), normalize=True).float().cpu()
+                  for batch in bar]
     return retrieval_metrics(torch.cat(texts) @ torch.cat(images).T, torch.tensor(owners), ks)
 
 
@@ -329,6 +306,23 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def _evaluating(model, device: str | torch.device | None):
+    """Eval mode and no gradients for the block (moving the model to `device` first); yields the model's device.
+
+    The model's own mode (train or eval) comes back afterwards, so the trainer can evaluate mid-run.
+    """
+    if device is not None:
+        model.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield _device_of(model)
+    finally:
+        model.train(was_training)
 
 
 def _device_of(model) -> torch.device:

@@ -66,15 +66,30 @@ def _zeroshot_series(lines: list[dict]) -> dict[str, dict[str, list[tuple[int, f
     return series
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> Path:
-    """Draw the curves of one or more runs into one PNG at `out`; returns its path."""
+def pyplot(what: str = "clipalign-plot"):
+    """matplotlib.pyplot drawing to files only; a clear message naming `what` needs it when it is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit('clipalign-plot needs matplotlib: pip install "clipalign[plot]"') from None
+        raise SystemExit(f'{what} needs matplotlib: pip install "clipalign[plot]"') from None
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (creating its folder) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> Path:
+    """Draw the curves of one or more runs into one PNG at `out`; returns its path."""
+    plt = pyplot()
     runs = {str(d): read_metrics(d) for d in run_dirs}
     panels = [(key, title) for key, title in TRAIN_PANELS if any(key in r for train, _ in runs.values() for r in train)]
     zeroshot = {name: _zeroshot_series(zs) for name, (_, zs) in runs.items()}
@@ -107,11 +122,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> P
     for ax in axes_left:
         ax.set_visible(False)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def _label(name: str, runs: dict) -> str:

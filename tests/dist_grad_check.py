@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from dist_common import global_batch, run_and_report
 
 from clipalign.accumulate import forward_backward
 from clipalign.config import ModelConfig
 from clipalign.loss import ContrastiveLoss, SigmoidLoss
 from clipalign.model import create_model
-
-_WORDS = ["red", "green", "blue", "small", "large", "striped", "circle", "square", "dog", "cat", "boat", "tree"]
 
 
 def _parse_args() -> argparse.Namespace:
@@ -55,15 +53,6 @@ def _parse_args() -> argparse.Namespace:
     if args.accum < 1 or args.local_batch % args.accum:
         p.error(f"--accum {args.accum} must be a positive divisor of --local-batch {args.local_batch}")
     return args
-
-
-def _global_batch(tokenizer, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same uint8 images (size, 3, 64, 64) and token ids (size, 32) on every rank."""
-    g = torch.Generator().manual_seed(1234)
-    images = torch.randint(0, 256, (size, 3, 64, 64), dtype=torch.uint8, generator=g)
-    picks = torch.randint(0, len(_WORDS), (size, 3), generator=g).tolist()
-    captions = [f"a {_WORDS[a]} {_WORDS[b]} next to a {_WORDS[c]} number {i}" for i, (a, b, c) in enumerate(picks)]
-    return images, tokenizer(captions)
 
 
 def _reference_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, label_smoothing: float):
@@ -103,7 +92,7 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
     model = create_model(ModelConfig(name="tiny-vit-64"), args.kind).to(getattr(torch, args.dtype))
     reference = copy.deepcopy(model)
     world, rank, b = accelerator.num_processes, accelerator.process_index, args.local_batch
-    images, tokens = _global_batch(model.tokenizer, world * b)
+    images, tokens = global_batch(model.tokenizer, world * b)
     if args.dtype == "float64":  # the model would normalise uint8 images in float32
         images = (images.double() - model.pixel_mean.double()) / model.pixel_std.double()
 
@@ -158,22 +147,16 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
 
 def main() -> None:
     args = _parse_args()
-    # Without CUDA, cpu=True is what makes Accelerate pick gloo and wrap the model in DDP.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    try:
+
+    def check(accelerator: Accelerator) -> dict:
         result = _check_gradients(accelerator, args)
         if args.mismatch:
             result["mismatch_error"] = _mismatch_error(accelerator, args)
-        if accelerator.is_main_process:
-            result.update(kind=args.kind, mode=args.mode, exchange=args.exchange, accum=args.accum,
-                          tile_size=args.tile_size, world_size=accelerator.num_processes,
-                          local_batch=args.local_batch, dtype=args.dtype,
-                          distributed_type=str(accelerator.distributed_type))
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-    finally:
-        # gloo aborts the interpreter at exit ("terminate called without an active exception") if the group lives on
-        accelerator.end_training()
+        result.update(kind=args.kind, mode=args.mode, exchange=args.exchange, accum=args.accum,
+                      tile_size=args.tile_size, local_batch=args.local_batch, dtype=args.dtype)
+        return result
+
+    run_and_report(args.out, check)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import warnings
 from collections.abc import Iterator
 
@@ -26,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from dist_common import global_batch, run_and_report
 
 from clipalign.config import ModelConfig
 from clipalign.loss import SIGMOID_EXCHANGES, SigmoidLoss
 from clipalign.model import create_model
 
-_WORDS = ["red", "green", "blue", "small", "large", "striped", "circle", "square", "dog", "cat", "boat", "tree"]
 _OPEN_CLIP_IMPLS = ("bidir", "shift", "gather")  # "reduce" exchanges N full all-reduces: no different in kind
 
 
@@ -49,15 +48,6 @@ def _parse_args() -> argparse.Namespace:
                    help="afterwards, give rank 1 a smaller local batch and record each exchange's error")
     p.add_argument("--out", required=True, help="JSON file that rank 0 writes")
     return p.parse_args()
-
-
-def _global_batch(tokenizer, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same uint8 images (size, 3, 64, 64) and token ids (size, 32) on every rank."""
-    g = torch.Generator().manual_seed(1234)
-    images = torch.randint(0, 256, (size, 3, 64, 64), dtype=torch.uint8, generator=g)
-    picks = torch.randint(0, len(_WORDS), (size, 3), generator=g).tolist()
-    captions = [f"a {_WORDS[a]} {_WORDS[b]} next to a {_WORDS[c]} number {i}" for i, (a, b, c) in enumerate(picks)]
-    return images, tokenizer(captions)
 
 
 def _reference_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -103,7 +93,7 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
             model.clip.logit_bias.fill_(args.logit_bias)
     reference = copy.deepcopy(model)
     world, rank, b = accelerator.num_processes, accelerator.process_index, args.local_batch
-    images, tokens = _global_batch(model.tokenizer, world * b)
+    images, tokens = global_batch(model.tokenizer, world * b)
     if args.dtype == "float64":  # the model would normalise uint8 images in float32
         images = (images.double() - model.pixel_mean.double()) / model.pixel_std.double()
     ddp_model = accelerator.prepare(model)
@@ -199,20 +189,15 @@ def _mismatch_errors(accelerator: Accelerator, args: argparse.Namespace) -> dict
 
 def main() -> None:
     args = _parse_args()
-    # Without CUDA, cpu=True is what makes Accelerate pick gloo and wrap the model in DDP.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    try:
+
+    def check(accelerator: Accelerator) -> dict:
         result = _check_gradients(accelerator, args)
         if args.mismatch:
             result["mismatch_errors"] = _mismatch_errors(accelerator, args)
-        if accelerator.is_main_process:
-            result.update(world_size=accelerator.num_processes, local_batch=args.local_batch, dtype=args.dtype,
-                          logit_bias=args.logit_bias, distributed_type=str(accelerator.distributed_type))
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-    finally:
-        # gloo aborts the interpreter at exit ("terminate called without an active exception") if the group lives on
-        accelerator.end_training()
+        result.update(local_batch=args.local_batch, dtype=args.dtype, logit_bias=args.logit_bias)
+        return result
+
+    run_and_report(args.out, check)
 
 
 if __name__ == "__main__":

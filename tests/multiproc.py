@@ -40,3 +40,16 @@ def run_check_script(script: Path, num_processes: int, args: list[str], out: Pat
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text())
+
+
+def check_runner(script: Path, runs: dict[str, tuple[int, list[str]]], tmp_path_factory):
+    """A function name -> JSON that runs each of `runs` (name -> (processes, arguments)) once and caches the result."""
+    results: dict[str, dict] = {}
+
+    def run(name: str) -> dict:
+        if name not in results:
+            num_processes, args = runs[name]
+            results[name] = run_check_script(script, num_processes, args, tmp_path_factory.mktemp(name) / "out.json")
+        return results[name]
+
+    return run

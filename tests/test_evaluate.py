@@ -40,6 +40,22 @@ def folder(tmp_path_factory):
     return _image_folder(tmp_path_factory.mktemp("colours"), ["blue", "green", "light_red"], per_class=4)
 
 
+@pytest.fixture(scope="module")
+def run(model, tmp_path_factory):
+    """A run directory whose checkpoint (step 5) holds `model`."""
+    cfg = Config()
+    cfg.model.name = "tiny-vit-64"
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        accelerator.prepare(model)  # save_state only writes models that went through prepare
+        save_checkpoint(accelerator, run_dir, 5, cfg, {"samples_seen": 40})
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return run_dir
+
+
 def test_classifier_is_the_renormalised_mean_of_normalised_prompt_embeddings(model):
     names, templates = ["red", "green", "blue"], ["a {}.", "a photo of a {} thing."]
     weights = zero_shot_classifier(model, names, templates, batch_size=4)  # 6 prompts over two batches
@@ -106,19 +122,10 @@ def test_missing_or_empty_folder_is_a_clear_error(model, tmp_path):
         zero_shot_classification(model, tmp_path / "empty")
 
 
-def test_cli_scores_a_checkpoint_and_writes_json(model, folder, tmp_path, capsys):
-    cfg = Config()
-    cfg.model.name = "tiny-vit-64"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        accelerator = Accelerator(cpu=True)
-        accelerator.prepare(model)  # save_state only writes models that went through prepare
-        save_checkpoint(accelerator, tmp_path / "run", 5, cfg, {"samples_seen": 40})
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+def test_cli_scores_a_checkpoint_and_writes_json(model, run, folder, tmp_path, capsys):
     (tmp_path / "names.txt").write_text("blue\ngreen\nlight red\n")
     out = tmp_path / "eval" / "zeroshot.json"
-    main(["--model", str(tmp_path / "run"), "--data", str(folder), "--classnames", str(tmp_path / "names.txt"),
+    main(["--model", str(run), "--data", str(folder), "--classnames", str(tmp_path / "names.txt"),
           "--output", str(out), "--batch-size", "8", "--device", "cpu", "--no-progress"])
     written = json.loads(out.read_text())
     assert written["num_images"] == 12 and written["num_classes"] == 3
@@ -171,21 +178,12 @@ def test_retrieval_csv_errors_name_file_row_and_column(tmp_path):
         read_retrieval_csv(tmp_path / "nope.csv")
 
 
-def test_cli_retrieval_and_classification_in_one_json(model, folder, tmp_path, capsys):
-    cfg = Config()
-    cfg.model.name = "tiny-vit-64"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        accelerator = Accelerator(cpu=True)
-        accelerator.prepare(model)
-        save_checkpoint(accelerator, tmp_path / "run", 5, cfg, {"samples_seen": 40})
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+def test_cli_retrieval_and_classification_in_one_json(run, folder, tmp_path, capsys):
     images = sorted(folder.rglob("*.png"))
     rows = ["filepath,caption"] + [f"{p},a {p.parent.name.replace('_', ' ')} square" for p in images]
     (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "eval.json"
-    main(["--model", str(tmp_path / "run"), "--data", str(folder), "--retrieval", str(tmp_path / "captions.csv"),
+    main(["--model", str(run), "--data", str(folder), "--retrieval", str(tmp_path / "captions.csv"),
           "--output", str(out), "--batch-size", "5", "--device", "cpu", "--no-progress"])
     result = json.loads(out.read_text())
     assert result["num_images"] == 12 and "top1" in result
@@ -194,7 +192,7 @@ def test_cli_retrieval_and_classification_in_one_json(model, folder, tmp_path, c
     printed = capsys.readouterr().out
     assert "zero-shot retrieval on" in printed and "image_retrieval_recall@5" in printed
     with pytest.raises(SystemExit):
-        main(["--model", str(tmp_path / "run")])  # neither --data nor --retrieval
+        main(["--model", str(run)])  # neither --data nor --retrieval
 
 
 def test_per_class_accuracy_and_confusion_matrix(model, folder, tmp_path, capsys):
@@ -213,18 +211,9 @@ def test_per_class_accuracy_and_confusion_matrix(model, folder, tmp_path, capsys
     assert "confusion_matrix" not in zero_shot_classification(model, folder, progress=False)
 
 
-def test_cli_confusion_png(model, folder, tmp_path, capsys):
-    cfg = Config()
-    cfg.model.name = "tiny-vit-64"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        accelerator = Accelerator(cpu=True)
-        accelerator.prepare(model)
-        save_checkpoint(accelerator, tmp_path / "run", 5, cfg, {"samples_seen": 40})
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+def test_cli_confusion_png(run, folder, tmp_path, capsys):
     png, out = tmp_path / "confusion.png", tmp_path / "zs.json"
-    main(["--model", str(tmp_path / "run"), "--data", str(folder), "--confusion-png", str(png), "--output", str(out),
+    main(["--model", str(run), "--data", str(folder), "--confusion-png", str(png), "--output", str(out),
           "--device", "cpu", "--no-progress"])
     with Image.open(png) as img:
         assert img.format == "PNG"

@@ -7,7 +7,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from multiproc import run_check_script
+from multiproc import check_runner
 
 from clipalign.config import LossConfig
 from clipalign.distributed import all_gather_with_grad, get_rank, get_world_size
@@ -174,16 +174,7 @@ def test_build_loss_and_its_errors():
 @pytest.fixture(scope="module")
 def grad_check(tmp_path_factory):
     """Run (once) one of the `_RUNS` under accelerate launch and return the JSON rank 0 wrote."""
-    results = {}
-
-    def run(name: str) -> dict:
-        if name not in results:
-            num_processes, args = _RUNS[name]
-            out = tmp_path_factory.mktemp("loss") / f"{name}.json"
-            results[name] = run_check_script(GRAD_CHECK, num_processes, args, out)
-        return results[name]
-
-    return run
+    return check_runner(GRAD_CHECK, _RUNS, tmp_path_factory)
 
 
 @pytest.mark.slow
