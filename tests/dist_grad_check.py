@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from dist_common import global_batch, run_and_report
+from dist_common import global_batch, grad_diffs, reference_features, reference_sigmoid_loss, run_and_report
 
 from clipalign.accumulate import forward_backward
 from clipalign.config import ModelConfig
@@ -61,13 +61,6 @@ def _reference_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     labels = torch.arange(image.shape[0])
     return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
-
-
-def _reference_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):
-    """SigLIP loss of one process on the whole batch, written out independently of clipalign.loss."""
-    logits = scale * image @ text.T + bias  # (B_global, B_global)
-    labels = 2 * torch.eye(image.shape[0], dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 
 
 def _loss_fn(args: argparse.Namespace) -> torch.nn.Module:
@@ -106,30 +99,16 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
     if not accelerator.is_main_process:
         return {}
 
-    # The encoders treat samples independently, so running them in per-rank chunks computes the same features; it
-    # keeps the reference's matmul shapes equal to the ranks' and so removes batch-size-dependent rounding.
-    chunks = [reference(images[i:i + b], tokens[i:i + b]) for i in range(0, world * b, b)]
-    ref_out = {key: torch.cat([c[key] for c in chunks]) for key in ("image_features", "text_features")}
-    ref_out["logit_scale"] = chunks[0]["logit_scale"]
+    ref_out = reference_features(reference, images, tokens, b)
     if args.kind == "sigmoid":
-        ref_loss = _reference_sigmoid_loss(ref_out["image_features"], ref_out["text_features"],
-                                           ref_out["logit_scale"], chunks[0]["logit_bias"])
+        ref_loss = reference_sigmoid_loss(ref_out["image_features"], ref_out["text_features"],
+                                          ref_out["logit_scale"], ref_out["logit_bias"])
     else:
         ref_loss = _reference_loss(ref_out["image_features"], ref_out["text_features"], ref_out["logit_scale"],
                                    args.label_smoothing)
     ref_loss.backward()
-
-    grads = {}
-    for (name, p), (ref_name, ref_p) in zip(accelerator.unwrap_model(ddp_model).named_parameters(),
-                                            reference.named_parameters()):
-        assert name == ref_name, (name, ref_name)
-        if p.grad is None or ref_p.grad is None:
-            grads[name] = {"missing": [p.grad is None, ref_p.grad is None]}
-            continue
-        diff = p.grad.cpu() - ref_p.grad
-        abs_diff, scale = diff.abs().max().item(), ref_p.grad.abs().max().item()
-        grads[name] = {"max_abs_diff": abs_diff, "ref_max_abs": scale, "rel_diff": abs_diff / max(scale, 1e-30),
-                       "rel_l2": (diff.norm() / ref_p.grad.norm().clamp_min(1e-30)).item()}
+    grads = grad_diffs({name: p.grad for name, p in accelerator.unwrap_model(ddp_model).named_parameters()},
+                       reference)
 
     # dense: every rank holds the global loss; local and tiled: the mean over ranks is the global loss
     value = losses[0] if args.kind == "contrastive" and args.mode == "dense" else sum(losses) / len(losses)

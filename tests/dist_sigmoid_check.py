@@ -15,17 +15,22 @@ from those, per rank. On a machine without GPUs this script passes `cpu=True` to
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from dist_common import global_batch, run_and_report
+from dist_common import (
+    global_batch,
+    grad_diffs,
+    reference_features,
+    reference_sigmoid_loss,
+    run_and_report,
+    saved_shapes,
+)
 
 from clipalign.config import ModelConfig
 from clipalign.loss import SIGMOID_EXCHANGES, SigmoidLoss
@@ -50,41 +55,6 @@ def _parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _reference_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """SigLIP loss of one process on the whole batch, written out independently of clipalign.loss."""
-    logits = scale * image @ text.T + bias  # (B_global, B_global)
-    labels = 2 * torch.eye(image.shape[0], dtype=logits.dtype) - 1  # +1 on the matching pairs, -1 elsewhere
-    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
-
-
-@contextlib.contextmanager
-def _saved_shapes() -> Iterator[set[tuple[int, ...]]]:
-    """The shapes of the tensors autograd saves for the backward inside the block (the loss: features and scalars)."""
-    shapes = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        shapes.add(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield shapes
-
-
-def _grad_diffs(ddp_grads: dict[str, torch.Tensor | None], reference: torch.nn.Module) -> dict:
-    """Per parameter: max |DDP grad - reference grad| and that relative to max |reference grad|."""
-    grads = {}
-    assert list(ddp_grads) == [name for name, _ in reference.named_parameters()]
-    for name, ref_p in reference.named_parameters():
-        grad = ddp_grads[name]
-        if grad is None or ref_p.grad is None:
-            grads[name] = {"missing": [grad is None, ref_p.grad is None]}
-            continue
-        diff = grad.cpu() - ref_p.grad
-        abs_diff, scale = diff.abs().max().item(), ref_p.grad.abs().max().item()
-        grads[name] = {"max_abs_diff": abs_diff, "ref_max_abs": scale, "rel_diff": abs_diff / max(scale, 1e-30)}
-    return grads
-
-
 def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict:
     set_seed(args.seed)
     model = create_model(ModelConfig(name="tiny-vit-64"), loss_kind="sigmoid").to(getattr(torch, args.dtype))
@@ -104,13 +74,13 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
     for exchange in args.exchanges:
         ddp_model.zero_grad(set_to_none=True)
         out = ddp_model(local_images, local_tokens)
-        with _saved_shapes() as saved_shapes:
+        with saved_shapes() as shapes:
             loss = SigmoidLoss(exchange)(out["image_features"], out["text_features"], out["logit_scale"],
                                          out["logit_bias"])
         accelerator.backward(loss)
         features = {k: v.detach() for k, v in out.items()}
         runs[exchange] = {"losses": accelerator.gather(loss.detach()[None]).tolist(),  # (N,)
-                          "saved_shapes": sorted(saved_shapes)}
+                          "saved_shapes": sorted(shapes)}
         if accelerator.is_main_process:
             runs[exchange]["grads"] = {n: None if p.grad is None else p.grad.clone()
                                        for n, p in accelerator.unwrap_model(ddp_model).named_parameters()}
@@ -119,17 +89,14 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
     if not accelerator.is_main_process:
         return {}
 
-    # The encoders treat samples independently, so running them in per-rank chunks computes the same features; it
-    # keeps the reference's matmul shapes equal to the ranks' and so removes batch-size-dependent rounding.
-    chunks = [reference(images[i:i + b], tokens[i:i + b]) for i in range(0, world * b, b)]
-    ref_out = {key: torch.cat([c[key] for c in chunks]) for key in ("image_features", "text_features")}
-    ref_loss = _reference_loss(ref_out["image_features"], ref_out["text_features"], chunks[0]["logit_scale"],
-                               chunks[0]["logit_bias"])
+    ref_out = reference_features(reference, images, tokens, b)
+    ref_loss = reference_sigmoid_loss(ref_out["image_features"], ref_out["text_features"], ref_out["logit_scale"],
+                                      ref_out["logit_bias"])
     ref_loss.backward()
 
     result = {"ref_loss": ref_loss.item(), "exchanges": {}}
     for exchange, run in runs.items():
-        grads = _grad_diffs(run.pop("grads"), reference)
+        grads = grad_diffs(run.pop("grads"), reference)
         losses = run["losses"]
         value = sum(losses) / len(losses)  # the mean over ranks is the global loss
         result["exchanges"][exchange] = {

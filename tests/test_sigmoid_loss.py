@@ -1,12 +1,12 @@
 """SigmoidLoss: one process against open_clip's SigLipLoss, and the DDP invariant on real gloo processes."""
 
-import contextlib
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_common import saved_shapes
 from multiproc import check_runner
 
 from clipalign.config import LossConfig
@@ -37,18 +37,6 @@ def _inputs(batch: int = 12, dim: int = 32, bias: float = -10.0, seed: int = 0) 
 def _value_and_grads(loss_fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     loss = loss_fn(*inputs)
     return [loss.detach(), *torch.autograd.grad(loss, inputs)]
-
-
-@contextlib.contextmanager
-def _saved_shapes():
-    shapes = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        shapes.add(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield shapes
 
 
 @pytest.mark.parametrize("exchange", ["ring", "gather"])
@@ -82,7 +70,7 @@ def test_low_precision_features_give_an_fp32_loss_and_gradients_of_their_dtype()
 
 def test_backward_keeps_features_not_logits():
     image, text, scale, bias = _inputs(batch=12, dim=32)
-    with _saved_shapes() as shapes:
+    with saved_shapes() as shapes:
         SigmoidLoss()(image, text, scale, bias)
     assert shapes == {(12, 32), ()}
 
