@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -381,26 +381,35 @@ def _heldout_images(params: dict) -> Iterator[tuple[str, Image.Image, dict, str]
             yield f"{name}/{index:04d}.jpg", img, obj, position
 
 
-def _write_heldout_captions(heldout: Path, params: dict) -> None:
-    """captions.csv for the held-out images; its own random stream, so the images do not depend on it."""
+def _write_heldout_captions(heldout: Path, params: dict,
+                            objects: Iterable[tuple[str, dict, str]] | None = None) -> None:
+    """captions.csv for the held-out images; its own random stream, so the images do not depend on it.
+
+    `objects` are the (relative path, object, position) of the images in their drawing order; None replays the
+    drawing to recover them (for a set drawn before the captions existed).
+    """
     import csv
 
+    if objects is None:
+        objects = ((path, obj, position) for path, _, obj, position in _heldout_images(params))
     rng = random.Random(f"clipalign-synthetic/heldout-captions/{params['seed']}")
     tmp = heldout / f".{HELDOUT_CAPTIONS}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["filepath", "caption"])
-        for path, _, obj, position in _heldout_images(params):
+        for path, obj, position in objects:
             for _ in range(CAPTIONS_PER_HELDOUT_IMAGE):
                 writer.writerow([path, _single_caption(rng, obj, position)])
     os.replace(tmp, heldout / HELDOUT_CAPTIONS)  # atomic: readers never see half a file
 
 
 def _write_heldout(heldout: Path, params: dict) -> None:
-    for path, img, _, _ in _heldout_images(params):
+    objects = []
+    for path, img, obj, position in _heldout_images(params):
         (heldout / path).parent.mkdir(parents=True, exist_ok=True)
         (heldout / path).write_bytes(image_to_bytes(img, "jpg", JPEG_QUALITY))
-    _write_heldout_captions(heldout, params)
+        objects.append((path, obj, position))
+    _write_heldout_captions(heldout, params, objects)
     classnames = [name.replace("_", " ") for name in heldout_classes()]
     (heldout / "classnames.txt").write_text("\n".join(classnames) + "\n", encoding="utf-8")
     (heldout / "templates.txt").write_text("\n".join(TEMPLATES) + "\n", encoding="utf-8")
