@@ -85,12 +85,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    zeroshot: str = ""  # an ImageFolder to score zero-shot at the end of training (and every `every` steps)
-    retrieval: str = ""  # a CSV of (filepath, caption) rows for image-text retrieval, evaluated with zeroshot
+    zeroshot: str = ""  # ImageFolder, labelled shards or CSV to score zero-shot at the end (and every `every` steps)
+    retrieval: str = ""  # CSV of (filepath, caption) rows, or captioned shards, for image-text retrieval
     every: int = 0  # steps between zero-shot evaluations during training; 0 = only at the end
-    classnames: str = ""  # file with one class name per line (default: folder names, "_" read as space)
-    templates: str = ""  # file with one prompt template per line, "{}" standing for the class name
+    classnames: str = ""  # file with one class name per line, or cifar10 | cifar100 | imagenet1k (built in)
+    templates: str = ""  # file with one prompt template per line ("{}" for the class name), or a built-in set
     batch_size: int = 128
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast of the towers during evaluation
 
 
 @dataclass
@@ -126,6 +127,7 @@ _CHOICES = {
     ("loss", "mode"): ("dense", "local", "tiled"),
     ("loss", "exchange"): ("ring", "gather"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("eval", "precision"): ("fp32", "bf16", "fp16"),
 }
 
 

@@ -1,5 +1,7 @@
-"""Zero-shot evaluation: classification on an ImageFolder with prompts built from class names, and image-text
-retrieval on a captioned image set.
+"""Zero-shot evaluation: classification with prompts built from class names, and image-text retrieval.
+
+Classification reads an ImageFolder, WebDataset shards with a label per sample, or a CSV of labelled images;
+retrieval reads a CSV of (image, caption) rows or captioned shards (see `clipalign.data.eval_sets`).
 
 The classifier is CLIP's recipe: every class name is put into each prompt template, the prompts are embedded and
 L2-normalised, averaged per class and normalised again; an image is assigned the class whose averaged prompt
@@ -7,6 +9,7 @@ embedding is most similar to its own.
 
     clipalign-zeroshot --model runs/quickstart --data ~/.cache/clipalign/synthetic/n12000-px64/heldout
     clipalign-zeroshot --model runs/quickstart --retrieval ~/.cache/clipalign/synthetic/n12000-px64/heldout/captions.csv
+    clipalign-zeroshot --model runs/cc3m --data '/data/cifar10/test/{0..3}.tar' --classnames cifar10 --templates cifar10
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +29,25 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from clipalign.data.eval_sets import (
+    BUILTIN_SETS,
+    CLASSNAMES_FILE,
+    CLIP_BENCHMARK_TEMPLATES_FILE,
+    TEMPLATES_FILE,
+    ImagePaths,
+    ShardSamples,
+    captions_of,
+    collate_samples,
+    label_reader,
+    read_labelled_csv,
+    read_lines,
+    read_retrieval_csv,
+    resolve_lines,
+    sidecar_lines,
+    source_kind,
+)
 from clipalign.tokenizer import tokenize
 
-CLASSNAMES_FILE = "classnames.txt"  # one class name per line, in ImageFolder's (sorted folder name) order
-TEMPLATES_FILE = "templates.txt"  # one prompt template per line, "{}" standing for the class name
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
     "a photo of the {}.",
@@ -69,45 +88,72 @@ def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[s
     return weights.T.contiguous()  # (D, C)
 
 
-def zero_shot_classification(model, folder: str | os.PathLike, classnames: Sequence[str] | None = None,
+def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequence[str] | None = None,
                              templates: Sequence[str] | None = None, batch_size: int = 128, workers: int = 0,
                              device: str | torch.device | None = None, progress: bool = True,
-                             confusion: bool = False) -> dict[str, Any]:
-    """Zero-shot accuracy of `model` on an ImageFolder (one sub-folder of images per class).
+                             confusion: bool = False, label_key: str = "cls", csv_img_key: str = "filepath",
+                             csv_label_key: str = "label", precision: str = "fp32") -> dict[str, Any]:
+    """Zero-shot accuracy of `model` on an ImageFolder, WebDataset shards with labels, or a CSV of labelled images.
 
-    Class names default to `classnames.txt` in the folder root, else the folder names with "_" read as a space;
-    templates default to `templates.txt` in the folder root, else `DEFAULT_TEMPLATES`.
+    `data` is read by its form (see `clipalign.data.eval_sets.source_kind`): a folder is an ImageFolder (one
+    sub-folder of images per class); a tar pattern is shards whose samples carry a label (the member
+    `KEY.<label_key>`, else the JSON field `label`); a `.csv`/`.tsv` has one row per image with an image path
+    and a label column. A label is a class index or a class name.
+
+    Class names default to `classnames.txt` beside the data (for an ImageFolder, else the folder names with "_" read
+    as a space; shards and CSVs need one); templates default to `templates.txt` (or clip_benchmark's
+    `zeroshot_classification_templates.txt`) beside the data, else `DEFAULT_TEMPLATES`.
 
     Args:
         model: a `DualEncoder`; it is put in eval mode for the evaluation and its mode restored afterwards.
-        folder: the ImageFolder root.
-        classnames: one name per class folder, in sorted folder-name order.
+        data: the ImageFolder root, shard pattern, or CSV/TSV.
+        classnames: one name per class, in label order (for an ImageFolder: sorted folder-name order).
         templates: prompt templates with "{}" for the class name.
         batch_size: images (and prompts) per forward pass.
         workers: DataLoader worker processes.
         device: where to run; the model is moved there. None keeps the model where it is.
         progress: show a progress bar (only ever on a terminal).
         confusion: also return the confusion matrix.
+        label_key, csv_img_key, csv_label_key: where shards and CSVs keep labels and image paths.
+        precision: "fp32", or "bf16"/"fp16" autocast for both towers (features are compared in fp32).
 
     Returns:
         `top1`, `top5` (with 5 classes or more), `mean_per_class_recall`, `num_images`, `num_classes`, `chance`,
-        `per_class_top1` (class name -> top-1 accuracy of its images) and, with `confusion`, `confusion_matrix`
-        (rows: true class, columns: predicted class, counts; in class order) with `classnames`.
+        `per_class_top1` (class name -> top-1 accuracy of its images), for shards `skipped` (reason -> count) and,
+        with `confusion`, `confusion_matrix` (rows: true class, columns: predicted class, counts; in class order)
+        with `classnames`.
     """
-    dataset = _image_folder(Path(folder), _preprocess_of(model))
-    classnames = _classnames_for(dataset, classnames)
-    templates = list(templates) if templates is not None else _templates_for(Path(folder))
-    with _evaluating(model, device) as device:
+    transform = _preprocess_of(model)
+    kind = source_kind(data)
+    if kind == "folder":
+        folder = _image_folder(Path(data), transform)
+        classnames = _classnames_for(folder, classnames)
+        dataset: Any = _Labelled(folder)
+    else:
+        if classnames is None:
+            classnames = sidecar_lines(data, [CLASSNAMES_FILE])
+        if not classnames:
+            raise ValueError(f"classification on {data} needs class names: give a file with one per line in label "
+                             f"order, or a built-in set ({', '.join(BUILTIN_SETS)}), or put {CLASSNAMES_FILE} "
+                             f"beside the data")
+        classnames = list(classnames)
+        if kind == "csv":
+            paths, labels = read_labelled_csv(data, classnames, csv_img_key, csv_label_key)
+            dataset = ImagePaths(paths, labels, transform)
+        else:
+            dataset = ShardSamples(str(data), transform, label_reader(label_key, classnames))
+    if templates is None:
+        templates = sidecar_lines(data, [TEMPLATES_FILE, CLIP_BENCHMARK_TEMPLATES_FILE]) or list(DEFAULT_TEMPLATES)
+    with _evaluating(model, device) as device, _autocast(device, precision):
         classifier = zero_shot_classifier(model, classnames, templates, batch_size)  # (D, C)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                            pin_memory=device.type == "cuda")
-        ranked, labels = [], []
-        bar = tqdm(loader, desc="zero-shot", unit="batch", disable=not progress or not sys.stderr.isatty())
-        for images, targets in bar:
-            features = model.encode_image(images.to(device, non_blocking=True), normalize=True).float()
+        ranked, labels, skipped = [], [], Counter()
+        for images, targets in _batches(dataset, batch_size, workers, device, progress, "zero-shot", skipped):
+            features = model.encode_image(images, normalize=True).float()
             logits = features @ classifier  # (B, C)
             ranked.append(logits.topk(min(5, len(classnames)), dim=1).indices.cpu())  # (B, k)
-            labels.append(targets)
+            labels.append(torch.as_tensor(targets))
+    if not labels:
+        raise ValueError(f"no usable images in {data} (skipped: {dict(skipped) or 'none'})")
     ranked, labels = torch.cat(ranked), torch.cat(labels)
     result = _metrics(ranked, labels, len(classnames))
     matrix = confusion_matrix(ranked[:, 0], labels, len(classnames))  # (C, C)
@@ -115,9 +161,47 @@ def zero_shot_classification(model, folder: str | os.PathLike, classnames: Seque
     present = matrix.sum(dim=1) > 0
     result["per_class_top1"] = {name: acc for name, acc, seen in zip(classnames, per_class.tolist(), present.tolist())
                                 if seen}
+    if kind == "shards":
+        result["skipped"] = dict(skipped)
     if confusion:
         result.update(classnames=classnames, confusion_matrix=matrix.tolist())
     return result
+
+
+class _Labelled(torch.utils.data.Dataset):
+    """An ImageFolder's (image, label) items in the (image, target, skip reason) form of the other sources."""
+
+    def __init__(self, folder: ImageFolder):
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        image, label = self.folder[index]
+        return image, label, ""
+
+
+def _batches(dataset, batch_size: int, workers: int, device: torch.device, progress: bool, desc: str,
+             skipped: Counter) -> Iterator[tuple[torch.Tensor, list]]:
+    """(images on `device`, targets) batches of an evaluation set; skipped samples are added to `skipped`."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate_samples, pin_memory=device.type == "cuda")
+    for images, targets, skips in tqdm(loader, desc=desc, unit="batch",
+                                       disable=not progress or not sys.stderr.isatty()):
+        skipped.update(skips)
+        if images is not None:
+            yield images.to(device, non_blocking=True), targets
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on `device` for the towers, or nothing for fp32."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in dtypes:
+        raise ValueError(f"precision {precision!r}: expected fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=dtypes[precision])
 
 
 def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -161,94 +245,50 @@ def _metrics(ranked: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
     return result
 
 
-class _CaptionedImages(torch.utils.data.Dataset):
-    """The distinct images of a retrieval CSV, in first-appearance order, through `transform`."""
-
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
-
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                return self.transform(img.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"retrieval image {path} cannot be read: {e}") from e
-
-
-def read_retrieval_csv(path: str | os.PathLike, image_key: str = "filepath", caption_key: str = "caption",
-                       separator: str | None = None) -> tuple[list[Path], list[str], list[int]]:
-    """Images, captions and each caption's image index from a CSV/TSV with one row per (image, caption) pair.
-
-    An image with several captions has several rows; relative image paths are read from the CSV's folder. The
-    separator defaults to a tab for `.tsv` files and a comma otherwise.
-
-    Raises:
-        FileNotFoundError: the CSV or an image it names is missing (naming it).
-        ValueError: a column is missing, a caption is empty, or the file has no rows (naming file, row or column).
-    """
-    import csv
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"retrieval CSV {path} does not exist")
-    sep = separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
-    images: dict[Path, int] = {}
-    captions, owners = [], []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=sep)
-        missing = [k for k in (image_key, caption_key) if k not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames} (choose them with "
-                             f"--csv-img-key / --csv-caption-key)")
-        for row_number, row in enumerate(reader, 2):
-            image = Path(row[image_key])
-            image = image if image.is_absolute() else path.parent / image
-            caption = (row[caption_key] or "").strip()
-            if not caption:
-                raise ValueError(f"{path}:{row_number}: empty caption for {row[image_key]}")
-            if image not in images:
-                if not image.is_file():
-                    raise FileNotFoundError(f"{path}:{row_number}: image {image} does not exist")
-                images[image] = len(images)
-            captions.append(caption)
-            owners.append(images[image])
-    if not captions:
-        raise ValueError(f"{path}: no rows; expected one row per (image, caption) pair")
-    return list(images), captions, owners
-
-
-def zero_shot_retrieval(model, csv_path: str | os.PathLike, image_key: str = "filepath",
+def zero_shot_retrieval(model, data: str | os.PathLike, image_key: str = "filepath",
                         caption_key: str = "caption", batch_size: int = 128, workers: int = 0,
                         device: str | torch.device | None = None, progress: bool = True,
-                        ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+                        ks: Sequence[int] = (1, 5, 10), precision: str = "fp32") -> dict[str, Any]:
     """Image-to-text and text-to-image recall@k of `model` on a captioned image set, counted as clip_benchmark does.
 
+    `data` is a CSV/TSV with one row per (image, caption) pair (an image with several captions has several rows),
+    or WebDataset shards whose samples carry their captions (`.txt`, and/or JSON `caption` or `captions` list).
     Every image is ranked against every caption by cosine similarity. Text-to-image: a caption scores a hit at k when
     its own image is among the k most similar images. Image-to-text: an image scores a hit at k when any one of its
     captions is among the k most similar captions. Recall@k is the mean of the hits, over captions and over images.
 
     Returns:
         `image_retrieval_recall@k` (text to image), `text_retrieval_recall@k` (image to text) for each k,
-        `num_images`, `num_texts`, and the chance level of each recall@1.
+        `num_images`, `num_texts`, the chance level of each recall@1, and for shards `skipped` (reason -> count).
     """
-    paths, captions, owners = read_retrieval_csv(csv_path, image_key, caption_key)
-    with _evaluating(model, device) as device:
+    transform = _preprocess_of(model)
+    shards = source_kind(data) == "shards"
+    if shards:
+        dataset: Any = ShardSamples(str(data), transform, captions_of)
+        captions, owners = [], []
+    else:
+        paths, captions, owners = read_retrieval_csv(data, image_key, caption_key)
+        dataset = ImagePaths(paths, range(len(paths)), transform)
+    skipped: Counter = Counter()
+    with _evaluating(model, device) as device, _autocast(device, precision):
+        images, num_images = [], 0
+        for batch, targets in _batches(dataset, batch_size, workers, device, progress, "retrieval", skipped):
+            images.append(model.encode_image(batch, normalize=True).float().cpu())
+            if shards:  # each target is the list of that image's captions
+                for image_captions in targets:
+                    captions.extend(image_captions)
+                    owners.extend([num_images] * len(image_captions))
+                    num_images += 1
+        if not images:
+            raise ValueError(f"no usable images in {data} (skipped: {dict(skipped) or 'none'})")
         texts = []
         for start in range(0, len(captions), batch_size):
             ids = tokenize(model.tokenizer, captions[start:start + batch_size]).to(device)
             texts.append(model.encode_text(ids, normalize=True).float().cpu())
-        loader = DataLoader(_CaptionedImages(paths, _preprocess_of(model)), batch_size=batch_size,
-                            shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
-        bar = tqdm(loader, desc="retrieval", unit="batch", disable=not progress or not sys.stderr.isatty())
-        images = [model.encode_image(batch.to(device, non_blocking=True), normalize=True).float().cpu()
-                  for batch in bar]
-    return retrieval_metrics(torch.cat(texts) @ torch.cat(images).T, torch.tensor(owners), ks)
+    result = retrieval_metrics(torch.cat(texts) @ torch.cat(images).T, torch.tensor(owners), ks)
+    if shards:
+        result["skipped"] = dict(skipped)
+    return result
 
 
 def retrieval_metrics(scores: torch.Tensor, owners: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
@@ -295,19 +335,6 @@ def _classnames_for(dataset: ImageFolder, classnames: Sequence[str] | None) -> l
     return classnames
 
 
-def _templates_for(folder: Path) -> list[str]:
-    path = folder / TEMPLATES_FILE
-    return read_lines(path) if path.is_file() else list(DEFAULT_TEMPLATES)
-
-
-def read_lines(path: str | os.PathLike) -> list[str]:
-    """The non-blank lines of a text file, stripped (class names, prompt templates)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 @contextlib.contextmanager
 def _evaluating(model, device: str | torch.device | None):
     """Eval mode and no gradients for the block (moving the model to `device` first); yields the model's device.
@@ -348,16 +375,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="clipalign-zeroshot", description=main.__doc__)
     parser.add_argument("--model", required=True, help="checkpoint directory, run directory (latest checkpoint) "
                                                        "or export directory")
-    parser.add_argument("--data", help="classification: ImageFolder root (one sub-folder of images per class)")
-    parser.add_argument("--classnames", help=f"file with one class name per line, in sorted folder order "
-                                             f"(default: DATA/{CLASSNAMES_FILE}, else the folder names)")
-    parser.add_argument("--templates", help=f"file with one prompt template per line, '{{}}' for the class name "
-                                            f"(default: DATA/{TEMPLATES_FILE}, else a built-in set)")
+    parser.add_argument("--data", help="classification: an ImageFolder root, WebDataset shards with a label per "
+                                       "sample (e.g. 'test/{0..3}.tar'), or a CSV/TSV of (image path, label) rows")
+    parser.add_argument("--dataset", choices=BUILTIN_SETS,
+                        help="use the built-in class names and templates of this data set (CLIP's published ones)")
+    parser.add_argument("--classnames", help=f"file with one class name per line in label order, or a built-in set "
+                                             f"({', '.join(BUILTIN_SETS)}) (default: {CLASSNAMES_FILE} beside the "
+                                             f"data, else an ImageFolder's folder names)")
+    parser.add_argument("--templates", help=f"file with one prompt template per line, '{{}}' for the class name, or a "
+                                            f"built-in set (default: {TEMPLATES_FILE} beside the data, else a "
+                                            f"small general set)")
+    parser.add_argument("--label-key", default="cls", help="shards: the member holding each sample's label (else "
+                                                           "the JSON field 'label')")
+    parser.add_argument("--csv-label-key", default="label", help="classification CSV column of labels (class "
+                                                                  "index or class name)")
     parser.add_argument("--confusion", action="store_true", help="classification: add the confusion matrix to --output")
     parser.add_argument("--confusion-png", help="classification: draw the confusion matrix into this PNG")
-    parser.add_argument("--retrieval", help="retrieval: CSV/TSV with one row per (image, caption) pair")
-    parser.add_argument("--csv-img-key", default="filepath", help="retrieval CSV column of image paths")
+    parser.add_argument("--retrieval", help="retrieval: a CSV/TSV with one row per (image, caption) pair, or "
+                                            "WebDataset shards with one or many captions per image")
+    parser.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths")
     parser.add_argument("--csv-caption-key", default="caption", help="retrieval CSV column of captions")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast precision of the towers (bf16 on GPUs halves the time)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -374,10 +413,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.data:
         result = zero_shot_classification(
             model, args.data,
-            classnames=read_lines(args.classnames) if args.classnames else None,
-            templates=read_lines(args.templates) if args.templates else None,
+            classnames=resolve_lines(names, "classnames") if (names := args.classnames or args.dataset) else None,
+            templates=resolve_lines(temps, "templates") if (temps := args.templates or args.dataset) else None,
             batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
-            confusion=args.confusion or bool(args.confusion_png))
+            confusion=args.confusion or bool(args.confusion_png), label_key=args.label_key,
+            csv_img_key=args.csv_img_key, csv_label_key=args.csv_label_key, precision=args.precision)
         if args.confusion_png:
             png = plot_confusion(result["classnames"], result["confusion_matrix"], args.confusion_png)
             print(f"confusion matrix: {png}")
@@ -388,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         out.update(data=str(args.data), **result)
     if args.retrieval:
         result = zero_shot_retrieval(model, args.retrieval, args.csv_img_key, args.csv_caption_key,
-                                     batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+                                     batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+                                     precision=args.precision)
         _print_table(result, f"zero-shot retrieval on {args.retrieval}")
         out["retrieval"] = {"data": str(args.retrieval), **result}
     if args.output:

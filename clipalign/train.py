@@ -325,18 +325,18 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
 
 def _evaluate(cfg: Config, model) -> dict:
     """The configured evaluations: {"zeroshot": classification results, "retrieval": retrieval results}."""
-    from clipalign.evaluate import read_lines, zero_shot_classification, zero_shot_retrieval
+    from clipalign.evaluate import resolve_lines, zero_shot_classification, zero_shot_retrieval
 
     results = {}
     if cfg.eval.zeroshot:
-        classnames = read_lines(cfg.eval.classnames) if cfg.eval.classnames else None
-        templates = read_lines(cfg.eval.templates) if cfg.eval.templates else None
+        classnames = resolve_lines(cfg.eval.classnames, "classnames") if cfg.eval.classnames else None
+        templates = resolve_lines(cfg.eval.templates, "templates") if cfg.eval.templates else None
         results["zeroshot"] = zero_shot_classification(model, cfg.eval.zeroshot, classnames=classnames,
                                                        templates=templates, batch_size=cfg.eval.batch_size,
-                                                       progress=False)
+                                                       progress=False, precision=cfg.eval.precision)
     if cfg.eval.retrieval:
         results["retrieval"] = zero_shot_retrieval(model, cfg.eval.retrieval, batch_size=cfg.eval.batch_size,
-                                                   progress=False)
+                                                   progress=False, precision=cfg.eval.precision)
     return results
 
 

@@ -5,6 +5,8 @@ The synthetic held-out split (30 classes, two captions per image) is scored by c
 images through the same preprocessing in plain DataLoaders. The numbers must be the same.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
@@ -13,9 +15,9 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from clipalign.config import ModelConfig
+from clipalign.data.eval_sets import ImagePaths
 from clipalign.data.synthetic import make_synthetic_dataset
 from clipalign.evaluate import (
-    _CaptionedImages,
     read_retrieval_csv,
     zero_shot_classification,
     zero_shot_classifier,
@@ -48,14 +50,14 @@ class _Captioned(torch.utils.data.Dataset):
 
     def __init__(self, csv_path, transform):
         paths, captions, owners = read_retrieval_csv(csv_path)
-        self.images = _CaptionedImages(paths, transform)
+        self.images = ImagePaths(paths, range(len(paths)), transform)
         self.captions = [[c for c, o in zip(captions, owners) if o == i] for i in range(len(paths))]
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        return self.images[i], self.captions[i]
+        return self.images[i][0], self.captions[i]
 
 
 def _collate(batch):
@@ -92,3 +94,56 @@ def test_classification_equals_clip_benchmark(model, dataset):
     assert ours["top1"] == pytest.approx(acc1, abs=1e-9)
     assert ours["top5"] == pytest.approx(acc5, abs=1e-9)
     assert ours["mean_per_class_recall"] == pytest.approx(recall, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def heldout_shards(dataset, tmp_path_factory):
+    """The held-out split again as clip_benchmark-style WebDataset shards (`cls` labels, JSON captions) and as a
+    labelled CSV, so every evaluation source can be compared with the ImageFolder / retrieval-CSV numbers."""
+    import csv
+    import json
+
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("heldout-wds")
+    (root / "test").mkdir()
+    paths, captions, owners = read_retrieval_csv(dataset.heldout_captions)
+    folder = ImageFolder(str(dataset.heldout_dir))
+    label_of = {Path(p).resolve(): label for p, label in folder.samples}
+    rows = []
+    for shard in range(3):  # 90 images over 3 shards, in an order unlike the folder's
+        with wds.TarWriter(str(root / "test" / f"{shard}.tar")) as sink:
+            for i in range(shard, len(paths), 3):
+                label = label_of[paths[i].resolve()]
+                sink.write({"__key__": f"{i:04d}", "png": paths[i].read_bytes(), "cls": str(label),
+                            "json": json.dumps({"captions": [c for c, o in zip(captions, owners) if o == i]})})
+                rows.append({"filepath": str(paths[i]), "label": dataset.classnames[label] if i % 2 else label})
+    (root / "classnames.txt").write_text("\n".join(dataset.classnames) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(dataset.templates) + "\n")
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["filepath", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_every_classification_source_gives_the_same_numbers(model, dataset, heldout_shards):
+    expected = zero_shot_classification(model, dataset.heldout_dir, batch_size=BATCH, progress=False)
+    # shards: class names and templates found beside them (clip_benchmark's layout); labels from `cls`
+    on_shards = zero_shot_classification(model, str(heldout_shards / "test" / "{0..2}.tar"), batch_size=BATCH,
+                                         workers=2, progress=False)
+    # CSV: labels given as indices and as class names; templates passed explicitly
+    on_csv = zero_shot_classification(model, heldout_shards / "labels.csv", templates=dataset.templates,
+                                      batch_size=BATCH, progress=False)
+    assert on_shards.pop("skipped") == {}
+    for result in (on_shards, on_csv):
+        assert result.pop("per_class_top1") == pytest.approx(expected["per_class_top1"], abs=1e-9)
+        assert result == pytest.approx({k: v for k, v in expected.items() if k != "per_class_top1"}, abs=1e-9)
+
+
+def test_retrieval_on_shards_equals_the_csv(model, dataset, heldout_shards):
+    expected = zero_shot_retrieval(model, dataset.heldout_captions, batch_size=BATCH, progress=False)
+    on_shards = zero_shot_retrieval(model, str(heldout_shards / "test" / "{0..2}.tar"), batch_size=BATCH,
+                                    workers=2, progress=False)
+    assert on_shards.pop("skipped") == {}
+    assert on_shards == pytest.approx(expected, abs=1e-6)

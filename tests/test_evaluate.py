@@ -174,7 +174,7 @@ def test_retrieval_csv_errors_name_file_row_and_column(tmp_path):
     (tmp_path / "empty_caption.csv").write_text("filepath,caption\na.png,\n")
     with pytest.raises(ValueError, match=r"empty_caption\.csv:2: empty caption for a\.png"):
         read_retrieval_csv(tmp_path / "empty_caption.csv")
-    with pytest.raises(FileNotFoundError, match="retrieval CSV .*nope.csv does not exist"):
+    with pytest.raises(FileNotFoundError, match="CSV .*nope.csv does not exist"):
         read_retrieval_csv(tmp_path / "nope.csv")
 
 
@@ -220,3 +220,103 @@ def test_cli_confusion_png(run, folder, tmp_path, capsys):
     written = json.loads(out.read_text())
     assert "confusion_matrix" not in written and set(written["per_class_top1"]) == {"blue", "green", "light red"}
     assert f"confusion matrix: {png}" in capsys.readouterr().out
+
+
+# ---- evaluation sources: built-in class names, labelled shards and CSVs, precision -------------------------------
+
+
+def test_builtin_class_names_and_templates_are_the_published_ones():
+    import os
+
+    import clip_benchmark
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    from clipalign.data.eval_sets import builtin_lines, resolve_lines
+
+    assert builtin_lines("imagenet1k", "classnames") == list(IMAGENET_CLASSNAMES)
+    assert builtin_lines("imagenet1k", "templates") == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    published = json.loads(Path(os.path.dirname(clip_benchmark.__file__), "datasets",
+                                "en_zeroshot_classification_templates.json").read_text())
+    for name in ("cifar10", "cifar100"):
+        assert builtin_lines(name, "templates") == [t.replace("{c}", "{}") for t in published[name]]
+    cifar100 = builtin_lines("cifar100", "classnames")
+    assert len(cifar100) == len(set(cifar100)) == 100 and cifar100 == sorted(cifar100)  # the dataset's label order
+    assert builtin_lines("cifar10", "classnames")[:3] == ["airplane", "automobile", "bird"]
+    assert resolve_lines("cifar10", "templates")[0] == "a photo of a {}."
+    with pytest.raises(FileNotFoundError, match=r"'cifar11' is neither a file nor a built-in set \(cifar10, "):
+        resolve_lines("cifar11", "classnames")
+
+
+def _write_labelled_shards(folder: Path, out: Path) -> Path:
+    """The ImageFolder's images as one shard with `cls` labels, plus one sample of each bad kind."""
+    import webdataset as wds
+
+    dataset = ImageFolder(str(folder))
+    with wds.TarWriter(str(out)) as sink:
+        for i, (path, label) in enumerate(dataset.samples):
+            sink.write({"__key__": f"{i:03d}", "png": Path(path).read_bytes(), "cls": str(label)})
+        good = Path(dataset.samples[0][0]).read_bytes()
+        sink.write({"__key__": "corrupt", "png": good[:40], "cls": "0"})
+        sink.write({"__key__": "unlabelled", "png": good})
+        sink.write({"__key__": "out_of_range", "png": good, "cls": "7"})
+        sink.write({"__key__": "not_utf8", "png": good, "cls": b"\xff\xfe"})
+        sink.write({"__key__": "by_name", "png": good, "json": json.dumps({"label": "blue"})})
+    return out
+
+
+def test_classification_on_labelled_shards_skips_and_counts_bad_samples(model, folder, tmp_path):
+    shard = _write_labelled_shards(folder, tmp_path / "eval-000.tar")
+    expected = zero_shot_classification(model, folder, progress=False)
+    result = zero_shot_classification(model, str(shard), classnames=["blue", "green", "light red"], batch_size=5,
+                                      progress=False)
+    assert result["skipped"] == {"bad_image": 1, "no_target": 1, "bad_target": 2}
+    assert result["num_images"] == 13  # the 12 folder images and the sample labelled by class name
+    assert result["per_class_top1"]["green"] == expected["per_class_top1"]["green"]
+    with pytest.raises(ValueError, match=r"classification on .*eval-000.tar needs class names"):
+        zero_shot_classification(model, str(shard), progress=False)
+
+
+def test_classification_csv_labels_and_their_errors(model, folder, tmp_path):
+    from clipalign.data.eval_sets import read_labelled_csv
+
+    images = sorted(folder.rglob("*.png"))
+    rows = "".join(f"{p},{p.parent.name.replace('_', ' ')}\n" for p in images)
+    (tmp_path / "labels.csv").write_text("filepath,label\n" + rows)
+    names = ["blue", "green", "light red"]
+    expected = zero_shot_classification(model, folder, progress=False)
+    result = zero_shot_classification(model, tmp_path / "labels.csv", classnames=names, progress=False)
+    assert result["top1"] == expected["top1"] and result["num_images"] == 12
+    (tmp_path / "bad.csv").write_text(f"filepath,label\n{images[0]},2\n{images[1]},violet\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:3: label 'violet' is neither a class index nor one of the 3"):
+        read_labelled_csv(tmp_path / "bad.csv", names)
+    (tmp_path / "range.csv").write_text(f"filepath,label\n{images[0]},3\n")
+    with pytest.raises(ValueError, match=r"range\.csv:2: label 3 is outside the 3 classes"):
+        read_labelled_csv(tmp_path / "range.csv", names)
+    with pytest.raises(ValueError, match=r"no column 'class'; columns are \['filepath', 'label'\].*--csv-label-key"):
+        read_labelled_csv(tmp_path / "labels.csv", names, label_key="class")
+
+
+def test_cli_builtin_dataset_on_a_csv_and_bf16(run, folder, tmp_path):
+    images = sorted(folder.rglob("*.png"))
+    (tmp_path / "cifar.csv").write_text("filepath,label\n" + "".join(f"{p},{i % 10}\n" for i, p in enumerate(images)))
+    out = tmp_path / "cifar.json"
+    main(["--model", str(run), "--data", str(tmp_path / "cifar.csv"), "--dataset", "cifar10", "--precision", "bf16",
+          "--output", str(out), "--device", "cpu", "--no-progress"])
+    written = json.loads(out.read_text())
+    assert written["num_classes"] == 10 and written["num_images"] == 12
+    assert set(written["per_class_top1"]) <= {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                              "horse", "ship", "truck"}
+
+
+def test_bf16_evaluation_runs_the_towers_in_bf16(model):
+    from clipalign.evaluate import _autocast
+
+    names = ["red", "green", "blue", "yellow"]
+    fp32 = zero_shot_classifier(model, names, DEFAULT_TEMPLATES)
+    with _autocast(torch.device("cpu"), "bf16"):
+        bf16 = zero_shot_classifier(model, names, DEFAULT_TEMPLATES)
+    assert bf16.dtype == torch.float32  # features are compared in fp32
+    assert not torch.equal(bf16, fp32)  # the towers did run in bf16 ...
+    torch.testing.assert_close(bf16, fp32, atol=3e-2, rtol=0)  # ... and agree to bf16 precision
+    with pytest.raises(ValueError, match="precision 'int8': expected fp32, bf16 or fp16"):
+        _autocast(torch.device("cpu"), "int8")

@@ -1,0 +1,297 @@
+"""Evaluation sets: where zero-shot classification and retrieval read images, labels, captions and prompts.
+
+Classification reads an ImageFolder (one sub-folder per class), WebDataset shards with a label per sample, or a
+CSV/TSV of (image path, label) rows. Retrieval reads a CSV/TSV of (image path, caption) rows or WebDataset shards
+with one or many captions per image. Class names and prompt templates come from text files (one per line) or from
+the built-in sets for CIFAR-10, CIFAR-100 and ImageNet-1k: the class names and templates published with CLIP,
+shipped in `clipalign/zeroshot_data/`.
+
+A sample in a shard that cannot be used (corrupt image, no label, no caption) is skipped and counted by reason;
+the counts come back with the results.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from clipalign.data.shards import IMAGE_EXTENSIONS, expand_urls
+
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "zeroshot_data"
+BUILTIN_SETS = ("cifar10", "cifar100", "imagenet1k")
+CLASSNAMES_FILE = "classnames.txt"  # one class name per line, in label order
+TEMPLATES_FILE = "templates.txt"  # one prompt template per line, "{}" standing for the class name
+# the names clip_benchmark gives the same files in its WebDataset layout (DATASET/classnames.txt, DATASET/test/*.tar)
+CLIP_BENCHMARK_TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The non-blank lines of a text file, stripped (class names, prompt templates)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def builtin_lines(name: str, what: str) -> list[str]:
+    """The built-in class names (`what="classnames"`) or templates (`what="templates"`) of a named data set."""
+    if name not in BUILTIN_SETS:
+        raise ValueError(f"no built-in {what} for {name!r}; built in: {', '.join(BUILTIN_SETS)}")
+    return read_lines(BUILTIN_DIR / name / f"{what}.txt")
+
+
+def resolve_lines(spec: str | os.PathLike, what: str) -> list[str]:
+    """Class names or templates from `spec`: a file (one per line), else the name of a built-in set."""
+    if Path(spec).is_file():
+        return read_lines(spec)
+    if str(spec) in BUILTIN_SETS:
+        return builtin_lines(str(spec), what)
+    raise FileNotFoundError(f"{what} {str(spec)!r} is neither a file nor a built-in set "
+                            f"({', '.join(BUILTIN_SETS)})")
+
+
+def source_kind(spec: str | os.PathLike) -> str:
+    """How to read an evaluation source: "shards" (tar patterns, `pipe:` URLs), "csv" (.csv/.tsv) or "folder"."""
+    text = str(spec)
+    if ".tar" in text or text.startswith("pipe:") or "::" in text:
+        return "shards"
+    if Path(text).suffix.lower() in (".csv", ".tsv"):
+        return "csv"
+    return "folder"
+
+
+def sidecar_lines(spec: str | os.PathLike, names: Sequence[str]) -> list[str] | None:
+    """The lines of the first of `names` found beside an evaluation source (a folder, a CSV or local shards).
+
+    Looked up in the folder itself, the folder of a CSV, and the folder of the shards and its parent (clip_benchmark
+    keeps `classnames.txt` one level above `test/*.tar`).
+    """
+    kind = source_kind(spec)
+    if kind == "folder":
+        places = [Path(spec)]
+    elif kind == "csv":
+        places = [Path(spec).parent]
+    else:
+        first = expand_urls(str(spec))[0]
+        if first.startswith("pipe:") or "://" in first:
+            return None
+        places = [Path(first).parent, Path(first).parent.parent]
+    for place in places:
+        for name in names:
+            if (place / name).is_file():
+                return read_lines(place / name)
+    return None
+
+
+def _open_rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def _sample_json(sample: dict[str, Any]) -> dict:
+    if "json" not in sample:
+        return {}
+    meta = json.loads(sample["json"].decode("utf-8"))
+    return meta if isinstance(meta, dict) else {}
+
+
+def label_reader(label_key: str, classnames: Sequence[str]) -> Callable[[dict[str, Any]], int | None]:
+    """A function raw sample -> class index, from the member `KEY.<label_key>` (clip_benchmark writes `cls`), else
+    the JSON field `label_key` or "label"; a label may be an index or a class name. None when the sample has none.
+
+    Raises ValueError for a label that is neither a valid index nor one of `classnames`.
+    """
+    index = {name: i for i, name in enumerate(classnames)}
+
+    def read(sample: dict[str, Any]) -> int | None:
+        if label_key in sample:
+            value: Any = sample[label_key].decode("utf-8").strip()
+        else:
+            meta = _sample_json(sample)
+            value = meta.get(label_key, meta.get("label"))
+        if value is None or value == "":
+            return None
+        return class_index(value, index, len(classnames))
+
+    return read
+
+
+def class_index(value: Any, index: dict[str, int], num_classes: int) -> int:
+    """A label (an int, a digit string or a class name) as a class index; ValueError naming the value otherwise."""
+    if isinstance(value, str) and value in index:
+        return index[value]
+    try:
+        label = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"label {value!r} is neither a class index nor one of the {num_classes} class names") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} is outside the {num_classes} classes")
+    return label
+
+
+def captions_of(sample: dict[str, Any]) -> list[str]:
+    """Every caption of a raw sample: the `.txt` member and the JSON `captions` list, or else the JSON `caption`
+    (img2dataset writes the same caption to `.txt` and `.json`; it is counted once). Repeats in a list are kept, as
+    clip_benchmark keeps them."""
+    captions = []
+    if "txt" in sample:
+        captions.append(sample["txt"].decode("utf-8").strip())
+    meta = _sample_json(sample)
+    listed = meta.get("captions")
+    if isinstance(listed, list):
+        captions.extend(c.strip() for c in listed if isinstance(c, str))
+    elif isinstance(meta.get("caption"), str) and "txt" not in sample:
+        captions.append(meta["caption"].strip())
+    return [c for c in captions if c]
+
+
+class ShardSamples(IterableDataset):
+    """Images of WebDataset shards through `transform`, each with `target(sample)` (a label, captions, ...).
+
+    Yields `(image, target, "")` for a usable sample and `(None, None, reason)` for one that is not, so that
+    `collate_samples` can count skips across DataLoader workers. Workers read disjoint shards.
+    """
+
+    def __init__(self, spec: str, transform: Callable, target: Callable[[dict[str, Any]], Any]):
+        self.urls = expand_urls(spec)
+        self.transform, self.target = transform, target
+        self.tar_errors = 0
+
+    def _tar_error(self, exn: Exception) -> bool:
+        self.tar_errors += 1
+        return True
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, Any, str]]:
+        _, _, worker, workers = wds.utils.pytorch_worker_info()
+        mine = ({"url": u} for u in self.urls[worker::workers])
+        for sample in wds.tarfile_to_samples(handler=self._tar_error)(mine):
+            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            if data is None:
+                yield None, None, "no_image"
+                continue
+            try:
+                target = self.target(sample)
+            except (UnicodeDecodeError, ValueError):
+                yield None, None, "bad_target"
+                continue
+            if target is None or target == []:
+                yield None, None, "no_target"
+                continue
+            try:
+                image = self.transform(_open_rgb(data))
+            except Exception:  # PIL raises many types for corrupt data
+                yield None, None, "bad_image"
+                continue
+            yield image, target, ""
+
+
+def collate_samples(batch: list[tuple[torch.Tensor | None, Any, str]]) -> tuple[torch.Tensor | None, list, Counter]:
+    """(stacked images or None, their targets, skip counts by reason) from `ShardSamples` items."""
+    kept = [(image, target) for image, target, reason in batch if not reason]
+    skipped = Counter(reason for _, _, reason in batch if reason)
+    if not kept:
+        return None, [], skipped
+    return torch.stack([image for image, _ in kept]), [target for _, target in kept], skipped
+
+
+class ImagePaths(Dataset):
+    """Images read from paths through `transform`, with a target each (labels for classification, indices else)."""
+
+    def __init__(self, paths: Sequence[Path], targets: Sequence[Any], transform: Callable):
+        self.paths, self.targets, self.transform = list(paths), list(targets), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, str]:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                image = self.transform(img.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"evaluation image {path} cannot be read: {e}") from e
+        return image, self.targets[index], ""
+
+
+def _csv_rows(path: Path, keys: Sequence[str], separator: str | None, hint: str) -> Iterator[tuple[int, dict]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV {path} does not exist")
+    sep = separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        missing = [k for k in keys if k not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames} ({hint})")
+        yield from enumerate(reader, 2)
+
+
+def _image_path(csv_path: Path, row_number: int, value: str) -> Path:
+    image = Path(value)
+    image = image if image.is_absolute() else csv_path.parent / image
+    if not image.is_file():
+        raise FileNotFoundError(f"{csv_path}:{row_number}: image {image} does not exist")
+    return image
+
+
+def read_labelled_csv(path: str | os.PathLike, classnames: Sequence[str], image_key: str = "filepath",
+                      label_key: str = "label", separator: str | None = None) -> tuple[list[Path], list[int]]:
+    """Image paths and class indices from a CSV/TSV with one row per image; a label is an index or a class name.
+
+    Raises:
+        FileNotFoundError: the CSV or an image it names is missing (naming it).
+        ValueError: a missing column, a bad label (naming file and row), or no rows.
+    """
+    path = Path(path)
+    index = {name: i for i, name in enumerate(classnames)}
+    paths, labels = [], []
+    for row_number, row in _csv_rows(path, (image_key, label_key), separator,
+                                     "choose them with --csv-img-key / --csv-label-key"):
+        try:
+            labels.append(class_index((row[label_key] or "").strip(), index, len(classnames)))
+        except ValueError as e:
+            raise ValueError(f"{path}:{row_number}: {e}") from None
+        paths.append(_image_path(path, row_number, row[image_key]))
+    if not paths:
+        raise ValueError(f"{path}: no rows; expected one row per (image, label) pair")
+    return paths, labels
+
+
+def read_retrieval_csv(path: str | os.PathLike, image_key: str = "filepath", caption_key: str = "caption",
+                       separator: str | None = None) -> tuple[list[Path], list[str], list[int]]:
+    """Images, captions and each caption's image index from a CSV/TSV with one row per (image, caption) pair.
+
+    An image with several captions has several rows; relative image paths are read from the CSV's folder. The
+    separator defaults to a tab for `.tsv` files and a comma otherwise.
+
+    Raises:
+        FileNotFoundError: the CSV or an image it names is missing (naming it).
+        ValueError: a column is missing, a caption is empty, or the file has no rows (naming file, row or column).
+    """
+    path = Path(path)
+    images: dict[Path, int] = {}
+    captions, owners = [], []
+    for row_number, row in _csv_rows(path, (image_key, caption_key), separator,
+                                     "choose them with --csv-img-key / --csv-caption-key"):
+        caption = (row[caption_key] or "").strip()
+        if not caption:
+            raise ValueError(f"{path}:{row_number}: empty caption for {row[image_key]}")
+        image = Path(row[image_key])
+        image = image if image.is_absolute() else path.parent / image
+        if image not in images:
+            images[_image_path(path, row_number, row[image_key])] = len(images)
+        captions.append(caption)
+        owners.append(images[image])
+    if not captions:
+        raise ValueError(f"{path}: no rows; expected one row per (image, caption) pair")
+    return list(images), captions, owners
