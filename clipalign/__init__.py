@@ -10,4 +10,18 @@ def load(path, device="cpu"):
     return _load(path, device=device)
 
 
-__all__ = ["__version__", "load"]
+def load_image_encoder(path, device="cpu"):
+    """Only the image tower of an export directory (see `clipalign.model.load_image_encoder`)."""
+    from clipalign.model import load_image_encoder as _load
+
+    return _load(path, device=device)
+
+
+def load_text_encoder(path, device="cpu"):
+    """Only the text tower of an export directory, with its tokenizer (see `clipalign.model.load_text_encoder`)."""
+    from clipalign.model import load_text_encoder as _load
+
+    return _load(path, device=device)
+
+
+__all__ = ["__version__", "load", "load_image_encoder", "load_text_encoder"]

@@ -4,11 +4,16 @@ An export directory holds
 
     open_clip_config.json         {"model_cfg", "preprocess_cfg", "model_name"}: what open_clip's local-dir: reads
     open_clip_model.safetensors   the CLIP state dict (open_clip's key names)
-    README.md                     a short model card
+    image_encoder.safetensors     the image tower alone (open_clip's vision tower keys) ...
+    image_encoder_config.json     ... with what rebuilds it: embed_dim, vision_cfg, preprocess_cfg
+    text_encoder.safetensors      the text tower alone (open_clip's text tower keys) ...
+    text_encoder_config.json      ... with embed_dim, text_cfg and the tokenizer it needs
+    README.md                     a model card: config, training data, steps, zero-shot results when known
     image_encoder.onnx            with --onnx: pixels (B, 3, H, W) float -> L2-normalised embedding (B, D)
     text_encoder.onnx             with --onnx: token ids (B, context_length) int64 -> L2-normalised embedding (B, D)
 
-and loads with `open_clip.create_model_and_transforms("local-dir:DIR")` or `clipalign.load(DIR)`:
+and loads with `open_clip.create_model_and_transforms("local-dir:DIR")` or `clipalign.load(DIR)`; one tower on
+its own loads with `clipalign.load_image_encoder(DIR)` / `clipalign.load_text_encoder(DIR)`:
 
     clipalign-export --checkpoint runs/quickstart --out exports/quickstart --onnx
 """
@@ -34,7 +39,16 @@ from torch import nn
 
 from clipalign import __version__
 from clipalign.checkpoint import read_trainer_state, resolve_checkpoint
-from clipalign.model import DualEncoder, load
+from clipalign.config import read_config
+from clipalign.model import (
+    IMAGE_ENCODER_CONFIG,
+    IMAGE_ENCODER_WEIGHTS,
+    TEXT_ENCODER_CONFIG,
+    TEXT_ENCODER_WEIGHTS,
+    DualEncoder,
+    load,
+    tower_state_dicts,
+)
 from clipalign.tokenizer import tokenize
 
 CONFIG_FILE = "open_clip_config.json"
@@ -71,7 +85,7 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
         raise ValueError(f"onnx_exporter {onnx_exporter!r} is not one of {', '.join(ONNX_EXPORTERS)}")
     out = Path(out_dir)
     _check_replaceable(out)
-    model, model_cfg, trainer_state, source = _resolve(model_or_checkpoint)
+    model, model_cfg, provenance, source = _resolve(model_or_checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # unlike tempfile.mkdtemp's 0700, this keeps the umask's permissions for the final directory
@@ -83,8 +97,9 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
         if hasattr(model.tokenizer, "save_pretrained"):
             model.tokenizer.save_pretrained(str(tmp))  # open_clip reads HF tokenizers of a local-dir: from the dir
         _check_tokenizer(model, tmp)
+        _write_towers(model, model_cfg, tmp)
         onnx_info = _export_onnx(model, tmp, onnx_exporter) if onnx else None
-        (tmp / "README.md").write_text(_model_card(model, model_cfg, trainer_state, source, str(out), onnx_info))
+        (tmp / "README.md").write_text(_model_card(model, model_cfg, provenance, source, str(out), onnx_info))
         _umask_permissions(tmp)
         _move_into_place(tmp, out)
     except BaseException:
@@ -98,16 +113,52 @@ def _check_replaceable(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not an export directory; refusing to replace it")
 
 
-def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict, dict | None, str | None]:
-    """The model, its open_clip config, its trainer state (if it came from a checkpoint) and where it came from."""
+def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict, dict, str | None]:
+    """The model, its open_clip config, what the model card reports of its training (from a checkpoint: the
+    trainer state, the run's data and loss, its last evaluation), and where it came from."""
     if isinstance(source, DualEncoder):
-        return source, source.open_clip_config(), None, None
+        return source, source.open_clip_config(), {}, None
     path = Path(source)
     model = load(path)
     if (path / CONFIG_FILE).is_file():  # re-exporting an export: its config may name a model not registered here
-        return model, json.loads((path / CONFIG_FILE).read_text())["model_cfg"], None, str(path)
+        return model, json.loads((path / CONFIG_FILE).read_text())["model_cfg"], {}, str(path)
     ckpt = resolve_checkpoint(path)
-    return model, model.open_clip_config(), read_trainer_state(ckpt), str(ckpt)
+    state = read_trainer_state(ckpt)
+    cfg = read_config(ckpt / "config.yaml")
+    data = cfg.data.train or (f"synthetic ({cfg.data.synthetic_samples} samples)" if cfg.data.synthetic else "")
+    provenance = {"step": state.get("step"), "samples_seen": state.get("samples_seen"), "data": data,
+                  "loss": f"{cfg.loss.kind} ({cfg.loss.mode})" if cfg.loss.kind == "contrastive" else cfg.loss.kind,
+                  "evaluation": _last_evaluation(ckpt.parent.parent / "metrics.jsonl", state.get("step"))}
+    return model, model.open_clip_config(), provenance, str(ckpt)
+
+
+def _last_evaluation(metrics: Path, step: int | None) -> dict:
+    """The run's last zero-shot / retrieval record at or before `step` in its metrics file ({} when none)."""
+    found: dict = {}
+    if not metrics.is_file() or step is None:
+        return found
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if record.get("step", step + 1) <= step and ("zeroshot" in record or "retrieval" in record):
+            found = record
+    return found
+
+
+def _write_towers(model: DualEncoder, model_cfg: dict, out_dir: Path) -> None:
+    """Each tower on its own: weights with open_clip's tower key names, and a config that rebuilds the tower."""
+    image, text = tower_state_dicts(model.clip)
+    common = {"embed_dim": model_cfg["embed_dim"], "quick_gelu": model_cfg.get("quick_gelu", False),
+              "model_name": model.name, "clipalign_version": __version__}
+    image_cfg = {"tower": "image", "vision_cfg": model_cfg["vision_cfg"],
+                 "preprocess_cfg": open_clip.get_model_preprocess_cfg(model.clip), **common}
+    text_cfg = {"tower": "text", "text_cfg": model_cfg["text_cfg"], **common}
+    for weights, name, cfg, cfg_name in ((image, IMAGE_ENCODER_WEIGHTS, image_cfg, IMAGE_ENCODER_CONFIG),
+                                         (text, TEXT_ENCODER_WEIGHTS, text_cfg, TEXT_ENCODER_CONFIG)):
+        save_file(_standalone(weights), str(out_dir / name), metadata={"format": "pt"})
+        (out_dir / cfg_name).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _standalone(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -241,7 +292,7 @@ def _check_onnx(path: str | os.PathLike, tower: nn.Module, example: torch.Tensor
 # ---- model card ------------------------------------------------------------------------------------------------
 
 
-def _model_card(model: DualEncoder, model_cfg: dict, trainer_state: dict | None, source: str | None, dirname: str,
+def _model_card(model: DualEncoder, model_cfg: dict, provenance: dict, source: str | None, dirname: str,
                 onnx_info: dict | None) -> str:
     context_length = model_cfg.get("text_cfg", {}).get("context_length", 77)
     params = sum(p.numel() for p in model.clip.parameters())
@@ -260,12 +311,14 @@ def _model_card(model: DualEncoder, model_cfg: dict, trainer_state: dict | None,
         f"| parameters | {params / 1e6:.1f} M |",
         f"| logit scale | {model.clip.logit_scale.exp().item():.2f} |",
     ]
-    if trainer_state:
-        lines.append(f"| training steps | {trainer_state.get('step', 'unknown')} |")
-        if "samples_seen" in trainer_state:
-            lines.append(f"| samples seen | {trainer_state['samples_seen']} |")
+    for key, label in (("data", "training data"), ("loss", "loss"), ("step", "training steps"),
+                       ("samples_seen", "samples seen")):
+        if provenance.get(key) not in (None, ""):
+            value = provenance[key]
+            lines.append(f"| {label} | `{value}` |" if key == "data" else f"| {label} | {value} |")
     if source:
         lines.append(f"| exported from | `{source}` |")
+    lines += _evaluation_lines(provenance.get("evaluation") or {})
     lines += [
         "",
         "## Load with open_clip",
@@ -287,6 +340,20 @@ def _model_card(model: DualEncoder, model_cfg: dict, trainer_state: dict | None,
         'text_features = model.encode_text(model.tokenizer(["a photo of a cat"]))',
         "```",
     ]
+    lines += [
+        "",
+        "## One tower on its own",
+        "",
+        f"`{IMAGE_ENCODER_WEIGHTS}` and `{TEXT_ENCODER_WEIGHTS}` hold each tower's weights, with "
+        f"`{IMAGE_ENCODER_CONFIG}` / `{TEXT_ENCODER_CONFIG}` to rebuild it, for systems that need only one side "
+        "(an image index, a text query service):",
+        "",
+        "```python",
+        "import clipalign",
+        f'text_encoder = clipalign.load_text_encoder("{dirname}")',
+        'embeddings = text_encoder(text_encoder.tokenizer(["a photo of a cat"]))  # L2-normalised',
+        "```",
+    ]
     if onnx_info:
         image, text = onnx_info["image"], onnx_info["text"]
         lines += [
@@ -306,6 +373,27 @@ def _model_card(model: DualEncoder, model_cfg: dict, trainer_state: dict | None,
             f"| {text['max_abs_diff']:.1e} |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _evaluation_lines(record: dict) -> list[str]:
+    """The model card's results table from a metrics record with "zeroshot" and/or "retrieval" results."""
+    rows = []
+    zeroshot = record.get("zeroshot") or {}
+    for key, label in (("top1", "zero-shot top-1"), ("top5", "zero-shot top-5"),
+                       ("mean_per_class_recall", "zero-shot mean per-class recall")):
+        if key in zeroshot:
+            rows.append(f"| {label} | {100 * zeroshot[key]:.1f} % |")
+    if "num_classes" in zeroshot:
+        rows.append(f"| zero-shot classes (chance) | {zeroshot['num_classes']} ({100 * zeroshot['chance']:.1f} %) |")
+    retrieval = record.get("retrieval") or {}
+    for direction, prefix in (("text to image", "image_retrieval"), ("image to text", "text_retrieval")):
+        recalls = [f"{100 * retrieval[f'{prefix}_recall@{k}']:.1f}" for k in (1, 5, 10)
+                   if f"{prefix}_recall@{k}" in retrieval]
+        if len(recalls) == 3:
+            rows.append(f"| retrieval {direction}, recall@1/5/10 | {' / '.join(recalls)} % |")
+    if not rows:
+        return []
+    return ["", f"## Evaluation at step {record.get('step', '?')}", "", "| | |", "| --- | --- |", *rows]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -29,6 +29,10 @@ LOGIT_SCALE_MAX = 100.0  # CLIP clamps the temperature multiplier here to keep t
 # SigLIP starts from scale 10 and bias -10 (its paper's init): most pairs are negatives, so begin near "no match"
 SIGMOID_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 WEIGHTS_FILE = "model.safetensors"  # what Accelerate's save_state writes for the first prepared model
+IMAGE_ENCODER_WEIGHTS = "image_encoder.safetensors"
+IMAGE_ENCODER_CONFIG = "image_encoder_config.json"
+TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
+TEXT_ENCODER_CONFIG = "text_encoder_config.json"
 
 
 class DualEncoder(nn.Module):
@@ -169,3 +173,90 @@ def _load_export(path: Path) -> DualEncoder:
     clip, _, preprocess = open_clip.create_model_and_transforms(uri, output_dict=True)
     name = json.loads((path / "open_clip_config.json").read_text()).get("model_name", path.name)
     return DualEncoder(clip, name, tokenizer=open_clip.get_tokenizer(uri), preprocess=preprocess)
+
+
+# ---- one tower on its own ---------------------------------------------------------------------------------------
+
+
+def tower_state_dicts(clip: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The image and text towers' weights of an open_clip model, keyed as its standalone tower modules
+    (`_build_vision_tower` / `_build_text_tower`) name them."""
+    state = clip.state_dict()
+    image = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    if hasattr(clip, "text"):  # CustomTextCLIP (timm or HF towers): the text tower is one module
+        text = {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
+    else:  # CLIP keeps the text tower's parts as its own attributes, under the tower's names
+        text = {k: v for k, v in state.items() if not k.startswith(("visual.", "logit_scale", "logit_bias"))}
+    return image, text
+
+
+class ImageEncoder(nn.Module):
+    """An exported image tower alone: `forward(pixels)` -> L2-normalised embeddings (B, D), with `.preprocess`."""
+
+    def __init__(self, tower: nn.Module, preprocess, config: dict):
+        super().__init__()
+        self.tower, self.preprocess, self.config = tower, preprocess, config
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.tower(pixels), dim=-1)
+
+    encode_image = forward
+
+
+class TextEncoder(nn.Module):
+    """An exported text tower alone: `forward(token_ids)` -> L2-normalised embeddings (B, D), with `.tokenizer`."""
+
+    def __init__(self, tower: nn.Module, tokenizer, config: dict):
+        super().__init__()
+        self.tower, self.tokenizer, self.config = tower, tokenizer, config
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.tower(token_ids), dim=-1)
+
+    encode_text = forward
+
+
+def _tower_files(path: Path, config_name: str, weights_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg_path, weights_path = path / config_name, path / weights_name
+    for needed in (cfg_path, weights_path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} does not exist; export the model with clipalign-export first")
+    return json.loads(cfg_path.read_text()), load_file(str(weights_path))
+
+
+def load_image_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> ImageEncoder:
+    """The image tower of an export directory, without building the text tower."""
+    from open_clip.model import _build_vision_tower
+
+    cfg, weights = _tower_files(Path(path), IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_WEIGHTS)
+    with _quiet_random_init():
+        tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False))
+    tower.load_state_dict(weights)
+    pp = cfg["preprocess_cfg"]
+    preprocess = open_clip.image_transform(pp["size"], is_train=False, mean=pp.get("mean"), std=pp.get("std"),
+                                           resize_mode=pp.get("resize_mode"),
+                                           interpolation=pp.get("interpolation"), fill_color=pp.get("fill_color", 0))
+    return ImageEncoder(tower, preprocess, cfg).to(device).eval()
+
+
+def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> TextEncoder:
+    """The text tower of an export directory, with its tokenizer, without building the image tower."""
+    from open_clip.model import _build_text_tower
+
+    path = Path(path)
+    cfg, weights = _tower_files(path, TEXT_ENCODER_CONFIG, TEXT_ENCODER_WEIGHTS)
+    with _quiet_random_init():
+        tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg.get("quick_gelu", False))
+    tower.load_state_dict(weights)
+    return TextEncoder(tower, _tower_tokenizer(path, cfg["text_cfg"]), cfg).to(device).eval()
+
+
+def _tower_tokenizer(path: Path, text_cfg: dict):
+    """The tokenizer a text tower was trained with, as open_clip would build it from the same text config."""
+    if (path / "open_clip_config.json").is_file():
+        return open_clip.get_tokenizer(f"local-dir:{path}")
+    context_length = text_cfg.get("context_length", 77)
+    kwargs = text_cfg.get("tokenizer_kwargs", {})
+    if "hf_tokenizer_name" in text_cfg:
+        return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length, **kwargs)
+    return open_clip.SimpleTokenizer(context_length=context_length, **kwargs)

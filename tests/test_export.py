@@ -16,9 +16,16 @@ import clipalign
 from clipalign.checkpoint import save_checkpoint
 from clipalign.config import Config
 from clipalign.export import CONFIG_FILE, IMAGE_ONNX, TEXT_ONNX, WEIGHTS_FILE, export_model, main
-from clipalign.model import create_model
+from clipalign.model import (
+    IMAGE_ENCODER_CONFIG,
+    IMAGE_ENCODER_WEIGHTS,
+    TEXT_ENCODER_CONFIG,
+    TEXT_ENCODER_WEIGHTS,
+    create_model,
+)
 
 REPO = Path(__file__).resolve().parents[1]
+TOWER_FILES = (IMAGE_ENCODER_WEIGHTS, IMAGE_ENCODER_CONFIG, TEXT_ENCODER_WEIGHTS, TEXT_ENCODER_CONFIG)
 CAPTIONS = ["a red circle", "two blue squares on a green background", "a photo of a cat.", ""]
 
 
@@ -26,6 +33,7 @@ def _config() -> Config:
     cfg = Config()
     cfg.model.name = "tiny-vit-64"
     cfg.train.precision = "fp32"
+    cfg.data.train = "/data/cc3m/{00000..00331}.tar"  # recorded in the config; the model card names it
     return cfg
 
 
@@ -92,7 +100,7 @@ def test_load_checkpoint_and_run_dir_give_the_saved_embeddings(trained, batch):
 
 def test_export_loads_in_open_clip_with_identical_embeddings(trained, batch, exported):
     model = trained[0]
-    assert {p.name for p in exported.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+    assert {p.name for p in exported.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, "README.md", *TOWER_FILES}
     umask = os.umask(0)
     os.umask(umask)
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in exported.iterdir())  # safetensors alone: 0600
@@ -121,6 +129,53 @@ def test_model_card_names_the_model_and_training_steps(exported):
     assert "tiny-vit-64" in card and "| embedding dim | 128 |" in card and "| image size | 64 px |" in card
     assert "| context length | 32 tokens |" in card and "| training steps | 3 |" in card
     assert f'create_model_and_transforms("local-dir:{exported}")' in card
+
+
+def test_each_tower_loads_on_its_own_with_the_full_models_embeddings(trained, batch, exported, tmp_path):
+    from safetensors.torch import load_file
+
+    model = trained[0]
+    want_image, want_text = _embeddings(model.encode_image, model.encode_text, batch)
+    image_keys = set(load_file(str(exported / IMAGE_ENCODER_WEIGHTS)))
+    text_keys = set(load_file(str(exported / TEXT_ENCODER_WEIGHTS)))
+    assert "conv1.weight" in image_keys and "token_embedding.weight" in text_keys
+    assert "conv1.weight" not in text_keys and "token_embedding.weight" not in image_keys
+    assert not any(k.startswith(("visual.", "logit_")) for k in text_keys)
+    # each tower's files copied alone into a directory of their own, as a downstream service would ship them
+    for kind, names in (("image", TOWER_FILES[:2]), ("text", TOWER_FILES[2:])):
+        (tmp_path / kind).mkdir()
+        for name in names:
+            (tmp_path / kind / name).write_bytes((exported / name).read_bytes())
+    image_encoder = clipalign.load_image_encoder(tmp_path / "image")
+    text_encoder = clipalign.load_text_encoder(tmp_path / "text")
+    assert not image_encoder.training and not text_encoder.training
+    assert sum(p.numel() for p in image_encoder.parameters()) == sum(p.numel() for p in model.clip.visual.parameters())
+    pixels, _ = batch
+    with torch.no_grad():
+        _assert_same([image_encoder(pixels), text_encoder(text_encoder.tokenizer(CAPTIONS))], [want_image, want_text])
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    assert torch.equal(image_encoder.preprocess(picture), model.preprocess(picture))
+    assert json.loads((exported / TEXT_ENCODER_CONFIG).read_text())["text_cfg"]["context_length"] == 32
+    with pytest.raises(FileNotFoundError, match=r"image_encoder_config\.json does not exist; export the model"):
+        clipalign.load_image_encoder(tmp_path / "text")
+
+
+def test_model_card_reports_training_data_and_the_last_evaluation(trained, tmp_path):
+    _, run_dir, ckpt = trained
+    records = [{"step": 1, "zeroshot": {"top1": 0.1, "num_classes": 30, "chance": 1 / 30}},
+               {"step": 3, "zeroshot": {"top1": 0.457, "top5": 1.0, "mean_per_class_recall": 0.45,
+                                        "num_classes": 30, "chance": 1 / 30},
+                "retrieval": {f"{d}_retrieval_recall@{k}": k / 100 for d in ("image", "text") for k in (1, 5, 10)}},
+               {"step": 9, "zeroshot": {"top1": 0.9}}]  # after the checkpoint: not this model's
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "zero')
+    try:
+        card = (export_model(ckpt, tmp_path / "carded") / "README.md").read_text()
+    finally:
+        (run_dir / "metrics.jsonl").unlink()
+    assert "| loss | contrastive (local) |" in card and "| training data | `/data/cc3m/{00000..00331}.tar` |" in card
+    assert "## Evaluation at step 3" in card and "| zero-shot top-1 | 45.7 % |" in card
+    assert "| zero-shot classes (chance) | 30 (3.3 %) |" in card
+    assert "| retrieval text to image, recall@1/5/10 | 1.0 / 5.0 / 10.0 % |" in card
 
 
 def test_export_of_a_model_object_replaces_an_earlier_export_and_nothing_else(trained, batch, tmp_path):
