@@ -52,7 +52,7 @@ def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, config, state: dict[str, Any],
-                    keep: int = 0) -> Path:
+                    keep: int = 0, files: dict[str, bytes] | None = None) -> Path:
     """Save Accelerate state + config + trainer state atomically; every process must call this.
 
     Args:
@@ -62,6 +62,7 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, config, 
         config: the resolved `Config` (written as `config.yaml` beside the weights).
         state: JSON-serialisable trainer state (step, samples seen, ...).
         keep: keep only the newest `keep` checkpoints (0 keeps all).
+        files: more files to write into the checkpoint, name -> contents (e.g. the tokenizer model).
     """
     root = Path(run_dir) / "checkpoints"
     final = root / checkpoint_name(step)
@@ -75,6 +76,8 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, config, 
     if accelerator.is_main_process:
         config.save(tmp / "config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        for name, contents in (files or {}).items():
+            (tmp / name).write_bytes(contents)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -40,6 +40,16 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "ViT-B-32"  # an open_clip model config name, built-in or shipped in clipalign/model_configs
+    embed_dim: int = 0  # shared embedding width; 0 = the config's
+    vision_cfg: dict = field(default_factory=dict)  # merged over the config's vision_cfg (timm_model_name, ...)
+    text_cfg: dict = field(default_factory=dict)  # merged over the config's text_cfg (width, layers, heads, ...)
+    tokenizer: str = ""  # "" = the config's (open_clip BPE); or a SentencePiece .model file
+    patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped in training (ViT towers); 0 = off
+    pretrained: str = ""  # start from weights: an open_clip pretrained tag (downloads) or a local weights file
+    pretrained_image: bool = False  # timm image tower: start from timm's pretrained weights (downloads)
+    lock_image: bool = False  # LiT: freeze the image tower (train the text tower and the temperature)
+    lock_image_unlocked_groups: int = 0  # with lock_image: leave the last N layer groups trainable
+    lock_image_freeze_bn_stats: bool = False  # with lock_image: also freeze BatchNorm statistics (conv towers)
     grad_checkpointing: bool = False
 
 
@@ -151,6 +161,10 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys to values, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         (item,) = typing.get_args(annotation)[:1]
         if not isinstance(value, (list, tuple)):

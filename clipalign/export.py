@@ -8,6 +8,7 @@ An export directory holds
     image_encoder_config.json     ... with what rebuilds it: embed_dim, vision_cfg, preprocess_cfg
     text_encoder.safetensors      the text tower alone (open_clip's text tower keys) ...
     text_encoder_config.json      ... with embed_dim, text_cfg and the tokenizer it needs
+    tokenizer.model               the SentencePiece tokenizer, when the model was trained with one
     README.md                     a model card: config, training data, steps, zero-shot results when known
     image_encoder.onnx            with --onnx: pixels (B, 3, H, W) float -> L2-normalised embedding (B, D)
     text_encoder.onnx             with --onnx: token ids (B, context_length) int64 -> L2-normalised embedding (B, D)
@@ -45,11 +46,12 @@ from clipalign.model import (
     IMAGE_ENCODER_WEIGHTS,
     TEXT_ENCODER_CONFIG,
     TEXT_ENCODER_WEIGHTS,
+    TOKENIZER_FILE,
     DualEncoder,
     load,
     tower_state_dicts,
 )
-from clipalign.tokenizer import tokenize
+from clipalign.tokenizer import SentencePieceTokenizer, tokenize
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the first name open_clip looks for in a local-dir:
@@ -94,7 +96,9 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
                   "model_name": model.name}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(_standalone(model.clip.state_dict()), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if hasattr(model.tokenizer, "save_pretrained"):
+        if isinstance(model.tokenizer, SentencePieceTokenizer):
+            model.tokenizer.save(tmp / TOKENIZER_FILE)
+        elif hasattr(model.tokenizer, "save_pretrained"):
             model.tokenizer.save_pretrained(str(tmp))  # open_clip reads HF tokenizers of a local-dir: from the dir
         _check_tokenizer(model, tmp)
         _write_towers(model, model_cfg, tmp)
@@ -154,7 +158,9 @@ def _write_towers(model: DualEncoder, model_cfg: dict, out_dir: Path) -> None:
               "model_name": model.name, "clipalign_version": __version__}
     image_cfg = {"tower": "image", "vision_cfg": model_cfg["vision_cfg"],
                  "preprocess_cfg": open_clip.get_model_preprocess_cfg(model.clip), **common}
-    text_cfg = {"tower": "text", "text_cfg": model_cfg["text_cfg"], **common}
+    spm = isinstance(model.tokenizer, SentencePieceTokenizer)
+    text_cfg = {"tower": "text", "text_cfg": model_cfg["text_cfg"],
+                "tokenizer": TOKENIZER_FILE if spm else "open_clip", **common}
     for weights, name, cfg, cfg_name in ((image, IMAGE_ENCODER_WEIGHTS, image_cfg, IMAGE_ENCODER_CONFIG),
                                          (text, TEXT_ENCODER_WEIGHTS, text_cfg, TEXT_ENCODER_CONFIG)):
         save_file(_standalone(weights), str(out_dir / name), metadata={"format": "pt"})
@@ -176,8 +182,12 @@ def _standalone(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _check_tokenizer(model: DualEncoder, export_dir: Path) -> None:
-    """open_clip must rebuild the very tokenizer the model was trained with, or the export is useless."""
-    theirs = open_clip.get_tokenizer(f"local-dir:{export_dir}")
+    """The export must rebuild the very tokenizer the model was trained with, or it is useless: open_clip's own for
+    its tokenizers, clipalign's for a SentencePiece model (which open_clip cannot build)."""
+    if isinstance(model.tokenizer, SentencePieceTokenizer):
+        theirs = SentencePieceTokenizer(export_dir / TOKENIZER_FILE, context_length=model.tokenizer.context_length)
+    else:
+        theirs = open_clip.get_tokenizer(f"local-dir:{export_dir}")
     ours_ids, theirs_ids = tokenize(model.tokenizer, _PROBE_TEXTS), tokenize(theirs, _PROBE_TEXTS)
     if not torch.equal(ours_ids, theirs_ids):
         raise ValueError(f"model {model.name!r}: open_clip.get_tokenizer('local-dir:...') does not reproduce the "
@@ -319,13 +329,19 @@ def _model_card(model: DualEncoder, model_cfg: dict, provenance: dict, source: s
     if source:
         lines.append(f"| exported from | `{source}` |")
     lines += _evaluation_lines(provenance.get("evaluation") or {})
+    spm = isinstance(model.tokenizer, SentencePieceTokenizer)
     lines += [
         "",
         "## Load with open_clip",
         "",
+        *([f"The text tower reads ids from the SentencePiece tokenizer in `{TOKENIZER_FILE}`, which open_clip's "
+           "`get_tokenizer` cannot build: tokenize with clipalign's `SentencePieceTokenizer` (below).", ""]
+          if spm else []),
         "```python",
         "import open_clip",
         f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{dirname}")',
+        (f'from clipalign.tokenizer import SentencePieceTokenizer\ntokenizer = SentencePieceTokenizer("{dirname}/'
+         f'{TOKENIZER_FILE}", context_length={context_length})') if spm else
         f'tokenizer = open_clip.get_tokenizer("local-dir:{dirname}")',
         "image_features = model.encode_image(preprocess(image).unsqueeze(0), normalize=True)",
         'text_features = model.encode_text(tokenizer(["a photo of a cat"]), normalize=True)',

@@ -23,7 +23,7 @@ from torch import nn
 from clipalign.checkpoint import resolve_checkpoint
 from clipalign.config import ConfigError, ModelConfig, read_config
 from clipalign.model_configs import MODEL_CONFIG_DIR  # noqa: F401  (registers our configs with open_clip)
-from clipalign.tokenizer import build_tokenizer
+from clipalign.tokenizer import SentencePieceTokenizer, build_tokenizer
 
 LOGIT_SCALE_MAX = 100.0  # CLIP clamps the temperature multiplier here to keep training stable
 # SigLIP starts from scale 10 and bias -10 (its paper's init): most pairs are negatives, so begin near "no match"
@@ -33,6 +33,7 @@ IMAGE_ENCODER_WEIGHTS = "image_encoder.safetensors"
 IMAGE_ENCODER_CONFIG = "image_encoder_config.json"
 TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
 TEXT_ENCODER_CONFIG = "text_encoder_config.json"
+TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece tokenizer travels with checkpoints and exports under this name
 
 
 class DualEncoder(nn.Module):
@@ -42,12 +43,13 @@ class DualEncoder(nn.Module):
     exponentiated), which is what the losses take.
     """
 
-    def __init__(self, clip: nn.Module, name: str, tokenizer=None, preprocess=None):
+    def __init__(self, clip: nn.Module, name: str, tokenizer=None, preprocess=None, model_cfg: dict | None = None):
         super().__init__()
         self.clip = clip
         self.name = name
         self.tokenizer = tokenizer
         self.preprocess = preprocess
+        self.model_cfg = copy.deepcopy(model_cfg) if model_cfg is not None else model_config(name)
         pp = open_clip.get_model_preprocess_cfg(clip)
         self.image_size = _as_int_size(pp.get("size", 224))
         self.register_buffer("pixel_mean", torch.tensor(pp["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
@@ -83,7 +85,7 @@ class DualEncoder(nn.Module):
 
     def open_clip_config(self) -> dict:
         """The open_clip model config that rebuilds this model (with its logit bias, if it has one)."""
-        cfg = copy.deepcopy(model_config(self.name))
+        cfg = copy.deepcopy(self.model_cfg)
         if self.clip.logit_bias is not None:
             cfg["init_logit_bias"] = SIGMOID_INIT["init_logit_bias"]
         return cfg
@@ -125,20 +127,83 @@ def model_config(name: str) -> dict:
     return cfg
 
 
-def create_model(cfg: ModelConfig, loss_kind: str = "contrastive") -> DualEncoder:
-    """A randomly initialised dual encoder for a loss kind.
+def resolve_model_config(cfg: ModelConfig, tokenizer=None) -> dict:
+    """The open_clip model config a recipe asks for: the named config with the recipe's embed_dim, vision_cfg and
+    text_cfg keys merged over it, patch dropout, and a SentencePiece tokenizer's vocabulary size.
+
+    Raises:
+        ConfigError: an unknown model name, or an option the tower type does not have (naming the key).
+    """
+    resolved = copy.deepcopy(model_config(cfg.name))
+    if cfg.embed_dim:
+        resolved["embed_dim"] = cfg.embed_dim
+    resolved["vision_cfg"].update(copy.deepcopy(cfg.vision_cfg))
+    resolved["text_cfg"].update(copy.deepcopy(cfg.text_cfg))
+    vision = resolved["vision_cfg"]
+    if cfg.patch_dropout:
+        if not 0.0 <= cfg.patch_dropout < 1.0:
+            raise ConfigError(f"model.patch_dropout: {cfg.patch_dropout} is not in [0, 1)")
+        if "timm_model_name" in vision:
+            raise ConfigError(f"model.patch_dropout: the image tower of {cfg.name!r} is the timm model "
+                              f"{vision['timm_model_name']!r}, which has no patch dropout; it works on open_clip's "
+                              f"ViT towers")
+        vision["patch_dropout"] = cfg.patch_dropout
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        if "hf_model_name" in resolved["text_cfg"]:
+            raise ConfigError(f"model.tokenizer: {cfg.name!r} has a Hugging Face text tower with its own tokenizer; "
+                              f"a SentencePiece tokenizer needs open_clip's text transformer")
+        resolved["text_cfg"]["vocab_size"] = tokenizer.vocab_size
+    return resolved
+
+
+def create_model(cfg: ModelConfig, loss_kind: str = "contrastive", load_pretrained: bool = True,
+                 tokenizer_file: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> DualEncoder:
+    """A dual encoder for a loss kind, randomly initialised unless `cfg.pretrained` names weights.
 
     contrastive: logit scale starts at 1/0.07, as in CLIP; sigmoid: scale 10 and a learnable logit bias at -10.
+    `load_pretrained=False` skips `cfg.pretrained` (the caller loads its own weights next, as `load` does);
+    `tokenizer_file` replaces `cfg.tokenizer` (a checkpoint carries its own copy of the tokenizer). Under
+    `with torch.device("meta")` and `device="meta"`, the model is built without memory (to count parameters).
     """
     model_config(cfg.name)  # validates the name with a readable error
+    tokenizer = _recipe_tokenizer(cfg, tokenizer_file)
+    resolved = resolve_model_config(cfg, tokenizer)
     init = SIGMOID_INIT if loss_kind == "sigmoid" else {}
+    pretrained = cfg.pretrained if load_pretrained and cfg.pretrained else None
+    vision = dict(resolved["vision_cfg"])
+    if "timm_model_name" in vision:  # what open_clip's pretrained_image flag sets, given explicitly here
+        vision["timm_model_pretrained"] = cfg.pretrained_image and load_pretrained
+    elif cfg.pretrained_image:
+        raise ConfigError(f"model.pretrained_image: the image tower of {cfg.name!r} is not a timm model; use "
+                          f"model.pretrained for open_clip weights")
     with _quiet_random_init():
-        clip = open_clip.create_model(cfg.name, pretrained=None, output_dict=True, **init)
+        clip = open_clip.create_model(cfg.name, pretrained=pretrained, output_dict=True, device=device,
+                                      embed_dim=resolved["embed_dim"], vision_cfg=vision,
+                                      text_cfg=resolved["text_cfg"], **init)
+    if cfg.lock_image:
+        clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                              freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
     if cfg.grad_checkpointing:
         clip.set_grad_checkpointing(True)
-    model = DualEncoder(clip, cfg.name, tokenizer=build_tokenizer(cfg.name))
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg.name, context_length=resolved["text_cfg"].get("context_length"))
+    model = DualEncoder(clip, cfg.name, tokenizer=tokenizer, model_cfg=resolved)
     model.preprocess = eval_preprocess(model)
     return model
+
+
+def _recipe_tokenizer(cfg: ModelConfig, tokenizer_file: str | os.PathLike | None):
+    """The SentencePiece tokenizer a recipe names (None: the model config's own tokenizer)."""
+    spec = tokenizer_file or cfg.tokenizer
+    if not spec:
+        return None
+    path = Path(spec)
+    if path.suffix != ".model" and not path.is_file():
+        raise ConfigError(f"model.tokenizer {str(spec)!r}: expected a SentencePiece .model file "
+                          f"(train one with clipalign-train-tokenizer), or leave it empty for the config's own")
+    context_length = model_config(cfg.name)["text_cfg"].get("context_length", 77)
+    context_length = cfg.text_cfg.get("context_length", context_length)
+    return SentencePieceTokenizer(path, context_length=context_length)
 
 
 def eval_preprocess(model: DualEncoder):
@@ -160,7 +225,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEnc
     else:
         ckpt = resolve_checkpoint(path)
         cfg = read_config(ckpt / "config.yaml")
-        model = create_model(cfg.model, cfg.loss.kind)
+        own_tokenizer = ckpt / TOKENIZER_FILE
+        model = create_model(cfg.model, cfg.loss.kind, load_pretrained=False,
+                             tokenizer_file=own_tokenizer if own_tokenizer.is_file() else None)
         weights = ckpt / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: no model weights in this checkpoint")
@@ -171,8 +238,18 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEnc
 def _load_export(path: Path) -> DualEncoder:
     uri = f"local-dir:{path}"
     clip, _, preprocess = open_clip.create_model_and_transforms(uri, output_dict=True)
-    name = json.loads((path / "open_clip_config.json").read_text()).get("model_name", path.name)
-    return DualEncoder(clip, name, tokenizer=open_clip.get_tokenizer(uri), preprocess=preprocess)
+    config = json.loads((path / "open_clip_config.json").read_text())
+    model_cfg = config["model_cfg"]
+    return DualEncoder(clip, config.get("model_name", path.name), tokenizer=_export_tokenizer(path, model_cfg),
+                       preprocess=preprocess, model_cfg=model_cfg)
+
+
+def _export_tokenizer(path: Path, model_cfg: dict):
+    """An export's tokenizer: its SentencePiece model when it has one, else what open_clip builds for it."""
+    if (path / TOKENIZER_FILE).is_file():
+        return SentencePieceTokenizer(path / TOKENIZER_FILE,
+                                      context_length=model_cfg.get("text_cfg", {}).get("context_length", 77))
+    return open_clip.get_tokenizer(f"local-dir:{path}")
 
 
 # ---- one tower on its own ---------------------------------------------------------------------------------------
@@ -248,14 +325,20 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     with _quiet_random_init():
         tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg.get("quick_gelu", False))
     tower.load_state_dict(weights)
-    return TextEncoder(tower, _tower_tokenizer(path, cfg["text_cfg"]), cfg).to(device).eval()
+    return TextEncoder(tower, _tower_tokenizer(path, cfg), cfg).to(device).eval()
 
 
-def _tower_tokenizer(path: Path, text_cfg: dict):
-    """The tokenizer a text tower was trained with, as open_clip would build it from the same text config."""
+def _tower_tokenizer(path: Path, cfg: dict):
+    """The tokenizer a text tower was trained with: its SentencePiece file, or what open_clip builds for its config."""
+    text_cfg = cfg["text_cfg"]
+    context_length = text_cfg.get("context_length", 77)
+    if cfg.get("tokenizer") == TOKENIZER_FILE:
+        if not (path / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"{path / TOKENIZER_FILE} does not exist; this text encoder was trained with a "
+                                    f"SentencePiece tokenizer: copy {TOKENIZER_FILE} with the encoder's files")
+        return SentencePieceTokenizer(path / TOKENIZER_FILE, context_length=context_length)
     if (path / "open_clip_config.json").is_file():
         return open_clip.get_tokenizer(f"local-dir:{path}")
-    context_length = text_cfg.get("context_length", 77)
     kwargs = text_cfg.get("tokenizer_kwargs", {})
     if "hf_tokenizer_name" in text_cfg:
         return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length, **kwargs)

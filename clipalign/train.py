@@ -30,7 +30,7 @@ from clipalign.config import Config, ConfigError, load_config
 from clipalign.data.shards import expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
 from clipalign.loss import build_loss
-from clipalign.model import create_model
+from clipalign.model import TOKENIZER_FILE, create_model
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SKIP_REASONS = ("no_image", "no_caption", "bad_text", "bad_image", "unreadable_tar")
@@ -98,7 +98,9 @@ def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, cfg: Config, state: dict) -> Path:
-    return save_checkpoint(accelerator, run_dir, step, cfg, state, keep=cfg.train.keep_checkpoints)
+    # a SentencePiece tokenizer travels with the weights: the checkpoint alone must rebuild the model
+    files = {TOKENIZER_FILE: Path(cfg.model.tokenizer).read_bytes()} if cfg.model.tokenizer else None
+    return save_checkpoint(accelerator, run_dir, step, cfg, state, keep=cfg.train.keep_checkpoints, files=files)
 
 
 def _trainer_state(accelerator: Accelerator, samples_seen: int, positions: dict[int, tuple[int, int]],

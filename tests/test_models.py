@@ -1,0 +1,224 @@
+"""Towers and recipes: model configs with overrides, timm image towers, patch dropout, locked image towers (LiT),
+starting weights, and every shipped recipe built on the meta device and (the small ones) trained for a step."""
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file, save_file
+
+from clipalign.config import ConfigError, ModelConfig, load_config
+from clipalign.data.synthetic import make_synthetic_dataset
+from clipalign.model import SIGMOID_INIT, create_model, resolve_model_config
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+SMALL_PARAMS = 100_000_000  # recipes whose model is under this many parameters train one step in the tests
+
+
+def _params(model: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def _train(cfg):
+    """One in-process training run (Accelerate's state reset around it, as a fresh process would have it)."""
+    from clipalign.train import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return train(cfg)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A small synthetic set: train shards and a held-out ImageFolder."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "ds", train_samples=64,
+                                  heldout_per_class=1, samples_per_shard=32)
+
+
+def _recipe(recipe: Path, tmp_path: Path, *overrides: str):
+    """A recipe's config; a tokenizer the recipe expects the user to train first is stood in for by a small one."""
+    cfg = load_config(recipe, overrides)
+    if cfg.model.tokenizer:
+        from clipalign.train_tokenizer import train_sentencepiece
+
+        captions = tmp_path / "captions.txt"
+        captions.write_text("".join(f"a photo of item {i} in colour {i % 7}\n" for i in range(300)))
+        train_sentencepiece(str(captions), tmp_path / "tok.model", vocab_size=400)
+        cfg = load_config(recipe, [*overrides, f"model.tokenizer={tmp_path / 'tok.model'}"])
+    return cfg
+
+
+def _one_step(recipe: Path, shards, out: Path, *overrides: str):
+    """A recipe pointed at the synthetic shards for a couple of steps at a tiny batch, on the CPU."""
+    return load_config(recipe, [f"data.train={shards.train_pattern}", "data.synthetic=false", "data.batch_size=2",
+                                "data.workers=0", "data.shuffle_buffer=8", "data.num_samples=0",
+                                "train.steps=1", "train.precision=fp32", "train.log_every=1", "train.resume=",
+                                "train.checkpoint_every=0", "train.log_with=none", "train.compile=false",
+                                "train.channels_last=false", "optim.warmup_steps=1", f"train.output_dir={out}",
+                                "eval.zeroshot=", "eval.retrieval=", "export.dir=", "model.pretrained_image=false",
+                                *overrides])
+
+
+# ---- recipes -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_is_documented_and_builds_on_meta_with_open_clips_parameter_count(recipe, tmp_path):
+    header = [line for line in recipe.read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(header)
+    assert "clipalign.train" in text and "Hardware:" in text and "Expected result" in text, recipe.name
+    assert yaml.safe_load(recipe.read_text())["model"]["name"]  # every recipe names its towers
+
+    cfg = _recipe(recipe, tmp_path)
+    init = SIGMOID_INIT if cfg.loss.kind == "sigmoid" else {}
+    with torch.device("meta"):
+        ours = create_model(cfg.model, cfg.loss.kind, load_pretrained=False, device="meta")
+        theirs = open_clip.create_model(cfg.model.name, pretrained=None, device="meta", **init)
+    assert next(ours.parameters()).is_meta
+    expected = _params(theirs)
+    if cfg.model.tokenizer:  # the token embedding is sized to the SentencePiece vocabulary instead of BPE's
+        width = ours.model_cfg["text_cfg"]["width"]
+        expected += (ours.tokenizer.vocab_size - theirs.token_embedding.num_embeddings) * width
+    assert _params(ours) == expected
+    if cfg.model.lock_image:
+        assert _params(ours, trainable=True) < _params(ours) - _params(ours.clip.visual) / 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_small_recipes_train_a_step_on_cpu(recipe, shards, tmp_path):
+    cfg = _recipe(recipe, tmp_path)
+    with torch.device("meta"):
+        size = _params(create_model(cfg.model, cfg.loss.kind, load_pretrained=False, device="meta"))
+    if size >= SMALL_PARAMS:
+        pytest.skip(f"{size / 1e6:.0f} M parameters: built on the meta device above, not trained on CPU here")
+    overrides = [f"model.tokenizer={cfg.model.tokenizer}"] if cfg.model.tokenizer else []
+    summary = _train(_one_step(recipe, shards, tmp_path / "run", *overrides))
+    assert summary["step"] == 1 and torch.isfinite(torch.tensor(summary["loss"]))
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "model.safetensors").is_file()
+
+
+# ---- towers --------------------------------------------------------------------------------------------------
+
+
+def test_overrides_merge_into_the_named_config_and_match_open_clip():
+    cfg = ModelConfig(name="tiny-vit-64", embed_dim=64, text_cfg={"layers": 2, "context_length": 16},
+                      vision_cfg={"layers": 2})
+    resolved = resolve_model_config(cfg)
+    assert resolved["embed_dim"] == 64 and resolved["text_cfg"]["layers"] == 2
+    assert resolved["text_cfg"]["width"] == 192  # untouched keys keep the named config's values
+    model = create_model(cfg)
+    reference = open_clip.create_model("tiny-vit-64", pretrained=None, **resolved)
+    assert _params(model) == _params(reference) < _params(create_model(ModelConfig(name="tiny-vit-64")))
+    assert model.tokenizer("a red circle").shape == (1, 16)  # the tokenizer follows the context length
+    assert model.open_clip_config() == resolved  # and the export writes the merged config
+    with pytest.raises(ConfigError, match=r"model.vision_cfg: expected a mapping"):
+        load_config(None, ["model.vision_cfg=12"])
+
+
+def test_timm_image_tower_from_a_config_and_from_an_override():
+    shipped = create_model(ModelConfig(name="tiny-convnext-64"))
+    assert type(shipped.clip.visual).__name__ == "TimmModel"
+    assert shipped.clip.visual.trunk.default_cfg["architecture"] == "convnext_atto"
+    # any timm model in place of a ViT, with open_clip's pooling and projection options
+    swapped = create_model(ModelConfig(name="tiny-vit-64", vision_cfg={
+        "timm_model_name": "resnet18", "timm_pool": "avg", "timm_proj": "mlp", "timm_model_pretrained": False}))
+    assert type(swapped.clip.visual).__name__ == "TimmModel"
+    out = swapped(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), swapped.tokenizer(["a", "b"]))
+    assert out["image_features"].shape == (2, 128)
+    torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(2))
+
+
+def test_patch_dropout_drops_tokens_in_training_only():
+    model = create_model(ModelConfig(name="tiny-vit-64", patch_dropout=0.5))
+    assert model.clip.visual.patch_dropout.prob == 0.5
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    model.train()
+    torch.manual_seed(0)
+    first = model.encode_image(pixels)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, model.encode_image(pixels))  # a different half of the patches
+    model.eval()
+    torch.testing.assert_close(model.encode_image(pixels), model.encode_image(pixels))
+    with pytest.raises(ConfigError, match=r"model.patch_dropout: the image tower of 'tiny-convnext-64' is the "
+                                          r"timm model 'convnext_atto'"):
+        create_model(ModelConfig(name="tiny-convnext-64", patch_dropout=0.5))
+    with pytest.raises(ConfigError, match=r"model.patch_dropout: 1.5 is not in \[0, 1\)"):
+        create_model(ModelConfig(name="tiny-vit-64", patch_dropout=1.5))
+    with pytest.raises(ConfigError, match=r"model.pretrained_image: the image tower of 'tiny-vit-64' is not a timm"):
+        create_model(ModelConfig(name="tiny-vit-64", pretrained_image=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-vit-64", "tiny-convnext-64"])
+def test_lit_trains_the_text_tower_against_a_locked_pretrained_image_tower(name, shards, tmp_path):
+    torch.manual_seed(3)
+    start = create_model(ModelConfig(name=name))
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in start.clip.state_dict().items()}, str(weights))
+    cfg = _one_step(REPO / "recipes" / "quickstart.yaml", shards, tmp_path / "run", f"model.name={name}",
+                    f"model.pretrained={weights}", "model.lock_image=true", "train.steps=2")
+    _train(cfg)
+    trained = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000002" / "model.safetensors"))
+    before = start.clip.state_dict()
+    image = [k for k in before if k.startswith("visual.") and "head" not in k]
+    text = [k for k in before if k.startswith(("token_embedding", "transformer.", "text."))]
+    assert image and text
+    for key in image:  # the locked tower (a timm trunk: all but its projection head) is bit-identical
+        assert torch.equal(trained[f"clip.{key}"], before[key]), key
+    assert any(not torch.equal(trained[f"clip.{key}"], before[key]) for key in text)  # the text tower learned
+
+
+# ---- a SentencePiece tokenizer through training, checkpoints and exports -------------------------------------------
+
+
+@pytest.mark.slow
+def test_sentencepiece_tokenizer_travels_with_checkpoints_and_exports(shards, tmp_path):
+    import clipalign
+    from clipalign.export import export_model
+    from clipalign.model import TEXT_ENCODER_CONFIG, TEXT_ENCODER_WEIGHTS, TOKENIZER_FILE
+    from clipalign.tokenizer import SentencePieceTokenizer
+    from clipalign.train_tokenizer import train_sentencepiece
+
+    tok_file = tmp_path / "tok" / "captions.model"
+    tok_file.parent.mkdir()
+    train_sentencepiece(shards.train_pattern, tok_file, vocab_size=400)
+    tokenizer = SentencePieceTokenizer(tok_file, context_length=32)
+    run = tmp_path / "run"
+    _train(_one_step(REPO / "recipes" / "quickstart.yaml", shards, run, f"model.tokenizer={tok_file}",
+                     "train.steps=2"))
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert (ckpt / TOKENIZER_FILE).read_bytes() == tok_file.read_bytes()
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert weights["clip.token_embedding.weight"].shape == (tokenizer.vocab_size, 192)  # sized from the tokenizer
+
+    tok_file.unlink()  # the checkpoint alone must rebuild the model: it carries its own copy
+    model = clipalign.load(run)
+    captions = ["a small red circle above a blue square", "two green triangles"]
+    assert isinstance(model.tokenizer, SentencePieceTokenizer)
+    assert torch.equal(model.tokenizer(captions), tokenizer(captions))
+    with torch.no_grad():
+        want = model.encode_text(model.tokenizer(captions))
+
+    export = export_model(run, tmp_path / "export")
+    assert (export / TOKENIZER_FILE).is_file()
+    assert "SentencePieceTokenizer(" in (export / "README.md").read_text()
+    reloaded = clipalign.load(export)
+    text_only = tmp_path / "text-only"
+    text_only.mkdir()
+    for name in (TEXT_ENCODER_WEIGHTS, TEXT_ENCODER_CONFIG, TOKENIZER_FILE):
+        (text_only / name).write_bytes((export / name).read_bytes())
+    text_encoder = clipalign.load_text_encoder(text_only)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_text(reloaded.tokenizer(captions)), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(text_encoder(text_encoder.tokenizer(captions)), want, atol=1e-6, rtol=0)
+    (text_only / TOKENIZER_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.model does not exist; this text encoder was trained "
+                                                r"with a SentencePiece tokenizer"):
+        clipalign.load_text_encoder(text_only)
