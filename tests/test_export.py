@@ -230,7 +230,7 @@ def test_cli_exports_a_run_directory(trained, tmp_path, capsys):
         export_model(trained[0], tmp_path / "x", onnx=True, onnx_exporter="tracer")
 
 
-@pytest.mark.parametrize("script", ["tools/export.py", "tools/zero_shot.py"])
+@pytest.mark.parametrize("script", ["tools/export.py", "tools/zero_shot.py", "tools/train_tokenizer.py"])
 def test_tool_scripts_run(script, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--help"])
     with pytest.raises(SystemExit) as exit_info:
