@@ -72,6 +72,7 @@ class OptimConfig:
     warmup_steps: int = 2000
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    fused: bool = True  # AdamW's fused kernel (one kernel for all parameters; CPU and CUDA); false = per-tensor loop
 
 
 @dataclass

@@ -166,8 +166,10 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         # in place: the module keeps its parameter names, so checkpoints and exports are unchanged
         model.compile()
     loss_fn = build_loss(cfg.loss)
+    # fused: one kernel over all parameters; torch's default on CPU is a per-tensor loop, 17x slower on the tiny ViT
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                                  fused=cfg.optim.fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
