@@ -92,6 +92,7 @@ class TrainConfig:
     cpu_threads: int = 0  # torch threads per process on CPU; 0 = the available cores / processes on this machine
     compile: bool = False  # torch.compile the model's forward (both towers and the feature normalisation)
     channels_last: bool = False  # image tower weights and inputs in channels-last memory format (conv towers, GPU)
+    trim_text: bool = True  # cut each batch's token ids after its longest caption (causal EOT-pooled text towers)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 from safetensors.torch import load_file
 from torch import nn
 
@@ -70,8 +71,42 @@ class DualEncoder(nn.Module):
         return self.clip.encode_image(self._pixels(pixels), normalize=normalize)
 
     def encode_text(self, token_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Text embeddings, (B, D), from token ids (B, context_length)."""
+        """Text embeddings, (B, D), from token ids (B, context_length), or (B, L) cut by `trim_padding`."""
+        if token_ids.shape[1] < self.context_length:
+            return self._encode_text_prefix(token_ids, normalize)
         return self.clip.encode_text(token_ids, normalize=normalize)
+
+    @property
+    def context_length(self) -> int:
+        return self.model_cfg["text_cfg"].get("context_length", 77)
+
+    @property
+    def trims_text(self) -> bool:
+        """Whether token ids may be cut after the batch's last text token (`trim_padding`) with the same result.
+
+        True for open_clip's CLIP text transformer with its causal mask and pooling at the end-of-text token (or the
+        first token): a position attends only to earlier ones, so the padding after every row's EOT changes nothing
+        that is pooled. Not for towers that pool the last position, attend both ways or come from Hugging Face.
+        """
+        clip = self.clip
+        return (type(clip).__name__ == "CLIP" and getattr(clip, "attn_mask", None) is not None
+                and clip.text_pool_type in ("argmax", "eos", "first"))
+
+    def _encode_text_prefix(self, token_ids: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """`CLIP.encode_text` on ids cut to their first L positions: the same modules, with the positional table and
+        the causal mask cut to L. Only for towers where `trims_text` holds."""
+        if not self.trims_text:
+            raise ValueError(f"model {self.name!r}: its text tower needs full-length ids "
+                             f"({self.context_length}), got {token_ids.shape[1]}")
+        clip, length = self.clip, token_ids.shape[1]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(token_ids).to(cast_dtype)  # (B, L, width)
+        x = x + clip.positional_embedding[:length].to(cast_dtype)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+        x = text_global_pool(x, token_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        if clip.text_projection is not None:
+            x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        return nn.functional.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {
@@ -125,6 +160,19 @@ def model_config(name: str) -> dict:
         known = ", ".join(open_clip.list_models())
         raise ConfigError(f"model.name {name!r} is not an open_clip model config; known: {known}")
     return cfg
+
+
+def trim_padding(token_ids: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Token ids (B, context_length) without the padding columns after the batch's last text token.
+
+    The kept length is rounded up to a multiple of `multiple` (fewer distinct shapes for compiled models and
+    kernels). Padding is id 0 at the end of each row, after its end-of-text token, as open_clip's BPE tokenizer and
+    clipalign's SentencePiece tokenizer lay rows out. Returns a view; nothing is cut when no column can go.
+    """
+    used = (token_ids != 0).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    length = min(-(-length // multiple) * multiple, token_ids.shape[1])
+    return token_ids[:, :length]
 
 
 def resolve_model_config(cfg: ModelConfig, tokenizer=None) -> dict:

@@ -30,7 +30,7 @@ from clipalign.config import Config, ConfigError, load_config
 from clipalign.data.shards import expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
 from clipalign.loss import build_loss
-from clipalign.model import TOKENIZER_FILE, create_model
+from clipalign.model import TOKENIZER_FILE, create_model, trim_padding
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SKIP_REASONS = ("no_image", "no_caption", "bad_text", "bad_image", "unreadable_tar")
@@ -219,15 +219,18 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
 
     # ---- the loop ----------------------------------------------------------------------------------------------
+    # padding after every caption's end is cut per batch where the text tower cannot see it (causal, EOT-pooled)
+    trim_text = cfg.train.trim_text and raw_model.trims_text
     model.train()
     while step < cfg.train.steps:
         t0 = time.perf_counter()
         micro_batches, step_keys = [], []
         for _ in range(cfg.train.accum_steps):
             batch = next(batches)
+            texts = trim_padding(batch["texts"]) if trim_text else batch["texts"]
             micro_batches.append((batch["images"].to(accelerator.device, non_blocking=True,
                                                      memory_format=memory_format),
-                                  batch["texts"].to(accelerator.device, non_blocking=True)))
+                                  texts.to(accelerator.device, non_blocking=True)))
             for i, reason in enumerate(SKIP_REASONS):
                 window_skipped[i] += batch["skipped"].get(reason, 0)
             stream, epoch, emitted = batch["position"]

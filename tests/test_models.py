@@ -222,3 +222,47 @@ def test_sentencepiece_tokenizer_travels_with_checkpoints_and_exports(shards, tm
     with pytest.raises(FileNotFoundError, match=r"tokenizer\.model does not exist; this text encoder was trained "
                                                 r"with a SentencePiece tokenizer"):
         clipalign.load_text_encoder(text_only)
+
+
+# ---- cutting the padding off text batches ------------------------------------------------------------------------
+
+
+def test_trim_padding_cuts_only_columns_after_every_rows_end():
+    from clipalign.model import trim_padding
+
+    ids = torch.zeros(3, 32, dtype=torch.long)
+    ids[0, :5] = torch.tensor([49406, 320, 0, 1125, 49407])  # id 0 is also BPE's "!": inside a row it is kept
+    ids[1, :11] = 7
+    assert trim_padding(ids).shape == (3, 16)  # 11 used columns, rounded up to a multiple of 8
+    assert trim_padding(ids, multiple=1).shape == (3, 11)
+    assert torch.equal(trim_padding(ids, multiple=1), ids[:, :11])
+    ids[2, 30] = 5
+    assert trim_padding(ids).shape == (3, 32)  # never longer than the context
+
+
+def test_trimmed_text_gives_the_full_length_embeddings_and_gradients():
+    from clipalign.model import trim_padding
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="tiny-vit-64"))
+    assert model.trims_text
+    ids = model.tokenizer(["a small red circle above a blue square", "cyan", "two green triangles on the left"])
+    cut = trim_padding(ids)
+    assert cut.shape[1] < ids.shape[1]
+    full = model.encode_text(ids)
+    grads_full = torch.autograd.grad(full.square().sum() + full[:, 0].sum(), list(model.clip.parameters()),
+                                     allow_unused=True)
+    short = model.encode_text(cut)
+    grads_short = torch.autograd.grad(short.square().sum() + short[:, 0].sum(), list(model.clip.parameters()),
+                                      allow_unused=True)
+    torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads_short, grads_full):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    # a text tower that pools the last position cannot be cut
+    model.clip.text_pool_type = "last"
+    assert not model.trims_text
+    with pytest.raises(ValueError, match=r"needs full-length ids \(32\), got 16"):
+        model.encode_text(cut)
