@@ -126,9 +126,10 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
     transform = _preprocess_of(model)
     kind = source_kind(data)
     if kind == "folder":
-        folder = _image_folder(Path(data), transform)
+        folder = _image_folder(Path(data))
         classnames = _classnames_for(folder, classnames)
-        dataset: Any = _Labelled(folder)
+        paths, labels = zip(*folder.samples)
+        dataset: Any = ImagePaths(paths, labels, transform)
     else:
         if classnames is None:
             classnames = sidecar_lines(data, [CLASSNAMES_FILE])
@@ -166,20 +167,6 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
     if confusion:
         result.update(classnames=classnames, confusion_matrix=matrix.tolist())
     return result
-
-
-class _Labelled(torch.utils.data.Dataset):
-    """An ImageFolder's (image, label) items in the (image, target, skip reason) form of the other sources."""
-
-    def __init__(self, folder: ImageFolder):
-        self.folder = folder
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
-        image, label = self.folder[index]
-        return image, label, ""
 
 
 def _batches(dataset, batch_size: int, workers: int, device: torch.device, progress: bool, desc: str,
@@ -310,11 +297,12 @@ def retrieval_metrics(scores: torch.Tensor, owners: torch.Tensor, ks: Sequence[i
     return result
 
 
-def _image_folder(folder: Path, transform) -> ImageFolder:
+def _image_folder(folder: Path) -> ImageFolder:
+    """The ImageFolder's classes and (path, label) samples; the images are read later, by `ImagePaths`."""
     if not folder.is_dir():
         raise FileNotFoundError(f"zero-shot data folder {folder} does not exist")
     try:
-        return ImageFolder(str(folder), transform=transform)
+        return ImageFolder(str(folder))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"zero-shot data folder {folder} holds no images; expected an ImageFolder "
                                 f"(one sub-folder of images per class): {e}") from e

@@ -48,6 +48,7 @@ from clipalign.model import (
     TEXT_ENCODER_WEIGHTS,
     TOKENIZER_FILE,
     DualEncoder,
+    directory_tokenizer,
     load,
     tower_state_dicts,
 )
@@ -100,7 +101,7 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
             model.tokenizer.save(tmp / TOKENIZER_FILE)
         elif hasattr(model.tokenizer, "save_pretrained"):
             model.tokenizer.save_pretrained(str(tmp))  # open_clip reads HF tokenizers of a local-dir: from the dir
-        _check_tokenizer(model, tmp)
+        _check_tokenizer(model, model_cfg, tmp)
         _write_towers(model, model_cfg, tmp)
         onnx_info = _export_onnx(model, tmp, onnx_exporter) if onnx else None
         (tmp / "README.md").write_text(_model_card(model, model_cfg, provenance, source, str(out), onnx_info))
@@ -181,17 +182,16 @@ def _standalone(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_tokenizer(model: DualEncoder, export_dir: Path) -> None:
-    """The export must rebuild the very tokenizer the model was trained with, or it is useless: open_clip's own for
-    its tokenizers, clipalign's for a SentencePiece model (which open_clip cannot build)."""
-    if isinstance(model.tokenizer, SentencePieceTokenizer):
-        theirs = SentencePieceTokenizer(export_dir / TOKENIZER_FILE, context_length=model.tokenizer.context_length)
-    else:
-        theirs = open_clip.get_tokenizer(f"local-dir:{export_dir}")
+def _check_tokenizer(model: DualEncoder, model_cfg: dict, export_dir: Path) -> None:
+    """The export must rebuild the very tokenizer the model was trained with, or it is useless: the tokenizer is
+    rebuilt as loading does it (open_clip's own from the directory, or the SentencePiece model written there)."""
+    spm = isinstance(model.tokenizer, SentencePieceTokenizer)
+    theirs = directory_tokenizer(export_dir, model_cfg.get("text_cfg", {}), spm)
     ours_ids, theirs_ids = tokenize(model.tokenizer, _PROBE_TEXTS), tokenize(theirs, _PROBE_TEXTS)
     if not torch.equal(ours_ids, theirs_ids):
-        raise ValueError(f"model {model.name!r}: open_clip.get_tokenizer('local-dir:...') does not reproduce the "
-                         f"model's tokenizer ({type(model.tokenizer).__name__}); it cannot be exported for open_clip")
+        source = f"the {TOKENIZER_FILE} written" if spm else "open_clip.get_tokenizer('local-dir:...')"
+        raise ValueError(f"model {model.name!r}: {source} does not reproduce the model's tokenizer "
+                         f"({type(model.tokenizer).__name__}); it cannot be exported")
 
 
 def _umask_permissions(directory: Path) -> None:

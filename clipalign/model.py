@@ -288,16 +288,9 @@ def _load_export(path: Path) -> DualEncoder:
     clip, _, preprocess = open_clip.create_model_and_transforms(uri, output_dict=True)
     config = json.loads((path / "open_clip_config.json").read_text())
     model_cfg = config["model_cfg"]
-    return DualEncoder(clip, config.get("model_name", path.name), tokenizer=_export_tokenizer(path, model_cfg),
-                       preprocess=preprocess, model_cfg=model_cfg)
-
-
-def _export_tokenizer(path: Path, model_cfg: dict):
-    """An export's tokenizer: its SentencePiece model when it has one, else what open_clip builds for it."""
-    if (path / TOKENIZER_FILE).is_file():
-        return SentencePieceTokenizer(path / TOKENIZER_FILE,
-                                      context_length=model_cfg.get("text_cfg", {}).get("context_length", 77))
-    return open_clip.get_tokenizer(f"local-dir:{path}")
+    tokenizer = directory_tokenizer(path, model_cfg.get("text_cfg", {}), (path / TOKENIZER_FILE).is_file())
+    return DualEncoder(clip, config.get("model_name", path.name), tokenizer=tokenizer, preprocess=preprocess,
+                       model_cfg=model_cfg)
 
 
 # ---- one tower on its own ---------------------------------------------------------------------------------------
@@ -373,14 +366,15 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     with _quiet_random_init():
         tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg.get("quick_gelu", False))
     tower.load_state_dict(weights)
-    return TextEncoder(tower, _tower_tokenizer(path, cfg), cfg).to(device).eval()
+    tokenizer = directory_tokenizer(path, cfg["text_cfg"], cfg.get("tokenizer") == TOKENIZER_FILE)
+    return TextEncoder(tower, tokenizer, cfg).to(device).eval()
 
 
-def _tower_tokenizer(path: Path, cfg: dict):
-    """The tokenizer a text tower was trained with: its SentencePiece file, or what open_clip builds for its config."""
-    text_cfg = cfg["text_cfg"]
+def directory_tokenizer(path: Path, text_cfg: dict, sentencepiece: bool):
+    """The tokenizer a text tower in directory `path` was trained with: the SentencePiece model there when
+    `sentencepiece`, else what open_clip builds for the directory's `open_clip_config.json` or for `text_cfg`."""
     context_length = text_cfg.get("context_length", 77)
-    if cfg.get("tokenizer") == TOKENIZER_FILE:
+    if sentencepiece:
         if not (path / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(f"{path / TOKENIZER_FILE} does not exist; this text encoder was trained with a "
                                     f"SentencePiece tokenizer: copy {TOKENIZER_FILE} with the encoder's files")

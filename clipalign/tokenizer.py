@@ -121,10 +121,15 @@ class SentencePieceTokenizer:
             raise ValueError(f"ids {bad[:5]} are outside this tokenizer's range [0, {self.vocab_size})")
         return self._sp.decode(pieces)
 
+    @property
+    def model_proto(self) -> bytes:
+        """The SentencePiece model in use, serialised: its own bytes, whatever `model_file` holds now."""
+        return self._proto
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model in use to `path` (e.g. into a checkpoint): its own bytes, whatever `model_file` holds now."""
+        """Write the model in use (`model_proto`) to `path`, e.g. into an export."""
         path = Path(path)
-        path.write_bytes(self._proto)
+        path.write_bytes(self.model_proto)
         return path
 
     def __getstate__(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from clipalign.data.shards import expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
 from clipalign.loss import build_loss
 from clipalign.model import TOKENIZER_FILE, create_model, trim_padding
+from clipalign.tokenizer import SentencePieceTokenizer
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SKIP_REASONS = ("no_image", "no_caption", "bad_text", "bad_image", "unreadable_tar")
@@ -97,9 +98,9 @@ def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
     return resolve_checkpoint(cfg.train.resume)
 
 
-def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, cfg: Config, state: dict) -> Path:
+def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, cfg: Config, state: dict, tokenizer) -> Path:
     # a SentencePiece tokenizer travels with the weights: the checkpoint alone must rebuild the model
-    files = {TOKENIZER_FILE: Path(cfg.model.tokenizer).read_bytes()} if cfg.model.tokenizer else None
+    files = {TOKENIZER_FILE: tokenizer.model_proto} if isinstance(tokenizer, SentencePieceTokenizer) else None
     return save_checkpoint(accelerator, run_dir, step, cfg, state, keep=cfg.train.keep_checkpoints, files=files)
 
 
@@ -315,11 +316,13 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             window_start = time.perf_counter()  # evaluation time is not training time
 
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-            _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams))
+            _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams),
+                        tokenizer)
     bar.close()
 
     # ---- end: checkpoint, zero-shot, export --------------------------------------------------------------------
-    final = _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams))
+    final = _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams),
+                        tokenizer)
     summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(skipped_total),
                "loss": last.get("loss")}
     if main:
