@@ -256,7 +256,11 @@ def _recipe_tokenizer(cfg: ModelConfig, tokenizer_file: str | os.PathLike | None
 
 def eval_preprocess(model: DualEncoder):
     """open_clip's eval transform for this model: PIL image -> normalised float tensor."""
-    pp = open_clip.get_model_preprocess_cfg(model.clip)
+    return _eval_transform(open_clip.get_model_preprocess_cfg(model.clip))
+
+
+def _eval_transform(pp: dict):
+    """open_clip's eval transform for a preprocess config (size, mean, std, resize mode, ...)."""
     return open_clip.image_transform(pp["size"], is_train=False, mean=pp.get("mean"), std=pp.get("std"),
                                      resize_mode=pp.get("resize_mode"), interpolation=pp.get("interpolation"),
                                      fill_color=pp.get("fill_color", 0))
@@ -350,11 +354,7 @@ def load_image_encoder(path: str | os.PathLike, device: str | torch.device = "cp
     with _quiet_random_init():
         tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False))
     tower.load_state_dict(weights)
-    pp = cfg["preprocess_cfg"]
-    preprocess = open_clip.image_transform(pp["size"], is_train=False, mean=pp.get("mean"), std=pp.get("std"),
-                                           resize_mode=pp.get("resize_mode"),
-                                           interpolation=pp.get("interpolation"), fill_color=pp.get("fill_color", 0))
-    return ImageEncoder(tower, preprocess, cfg).to(device).eval()
+    return ImageEncoder(tower, _eval_transform(cfg["preprocess_cfg"]), cfg).to(device).eval()
 
 
 def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> TextEncoder:
