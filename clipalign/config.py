@@ -93,6 +93,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's forward (both towers and the feature normalisation)
     channels_last: bool = False  # image tower weights and inputs in channels-last memory format (conv towers, GPU)
     trim_text: bool = True  # cut each batch's token ids after its longest caption (causal EOT-pooled text towers)
+    attention: str = "auto"  # attention kernels: auto | torch | math | flash | efficient | cudnn (see training.md)
 
 
 @dataclass
@@ -139,6 +140,7 @@ _CHOICES = {
     ("loss", "mode"): ("dense", "local", "tiled"),
     ("loss", "exchange"): ("ring", "gather"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("train", "attention"): ("auto", "torch", "math", "flash", "efficient", "cudnn"),
     ("eval", "precision"): ("fp32", "bf16", "fp16"),
 }
 

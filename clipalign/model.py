@@ -20,6 +20,7 @@ import torch
 from open_clip.transformer import text_global_pool
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clipalign.checkpoint import resolve_checkpoint
 from clipalign.config import ConfigError, ModelConfig, read_config
@@ -35,6 +36,17 @@ IMAGE_ENCODER_CONFIG = "image_encoder_config.json"
 TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
 TEXT_ENCODER_CONFIG = "text_encoder_config.json"
 TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece tokenizer travels with checkpoints and exports under this name
+# Attention kernels (`scaled_dot_product_attention` backends) a tower may be held to; "auto" and "torch" pick none
+ATTENTION_BACKENDS = {
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+ATTENTION_CHOICES = ("auto", "torch", *ATTENTION_BACKENDS)
+# "auto" on CPU: under bf16/fp16 autocast, PyTorch's CPU flash-attention backward is 2-3x slower than the plain
+# (math) kernels for sequences up to about 128 tokens and faster beyond (docs/benchmarks.md)
+CPU_MATH_ATTENTION_MAX_TOKENS = 128
 
 
 class DualEncoder(nn.Module):
@@ -42,7 +54,14 @@ class DualEncoder(nn.Module):
 
     `forward(images, texts)` returns L2-normalised image and text features and the logit scale (already
     exponentiated), which is what the losses take.
+
+    `attention` chooses the attention kernels of both towers: "auto" (the plain math kernels when training on CPU
+    under bf16/fp16 autocast with sequences of at most 128 tokens, where they are faster; otherwise PyTorch's
+    choice), "torch" (always PyTorch's choice), or one backend for every call: "math", "flash", "efficient",
+    "cudnn". The result is the same up to rounding whichever kernel runs.
     """
+
+    attention: str = "auto"
 
     def __init__(self, clip: nn.Module, name: str, tokenizer=None, preprocess=None, model_cfg: dict | None = None):
         super().__init__()
@@ -55,6 +74,7 @@ class DualEncoder(nn.Module):
         self.image_size = _as_int_size(pp.get("size", 224))
         self.register_buffer("pixel_mean", torch.tensor(pp["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pp["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.image_tokens = vision_tokens(clip.visual)
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -68,13 +88,25 @@ class DualEncoder(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image embeddings, (B, D); `pixels` is uint8 (B, 3, H, W) or already normalised floats."""
-        return self.clip.encode_image(self._pixels(pixels), normalize=normalize)
+        with self._attention_kernels(pixels.device, self.image_tokens):
+            return self.clip.encode_image(self._pixels(pixels), normalize=normalize)
 
     def encode_text(self, token_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Text embeddings, (B, D), from token ids (B, context_length), or (B, L) cut by `trim_padding`."""
-        if token_ids.shape[1] < self.context_length:
-            return self._encode_text_prefix(token_ids, normalize)
-        return self.clip.encode_text(token_ids, normalize=normalize)
+        with self._attention_kernels(token_ids.device, token_ids.shape[1]):
+            if token_ids.shape[1] < self.context_length:
+                return self._encode_text_prefix(token_ids, normalize)
+            return self.clip.encode_text(token_ids, normalize=normalize)
+
+    def _attention_kernels(self, device: torch.device, tokens: int | None):
+        """The `sdpa_kernel` context for a tower whose sequences have `tokens` positions (None: not known)."""
+        if self.attention in ATTENTION_BACKENDS:
+            return sdpa_kernel([ATTENTION_BACKENDS[self.attention]])
+        if self.attention == "auto" and use_cpu_math_attention(device, tokens):
+            return sdpa_kernel([SDPBackend.MATH])
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention {self.attention!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
+        return contextlib.nullcontext()
 
     @property
     def context_length(self) -> int:
@@ -128,6 +160,28 @@ class DualEncoder(nn.Module):
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
         self.clip.logit_scale.clamp_(0, math.log(LOGIT_SCALE_MAX))
+
+
+def use_cpu_math_attention(device: torch.device, tokens: int | None) -> bool:
+    """Whether "auto" attention holds a tower to the math kernels: a training forward (autograd recording) on CPU
+    under bf16/fp16 autocast, with at most `CPU_MATH_ATTENTION_MAX_TOKENS` positions. Forward-only passes keep
+    PyTorch's flash kernel, which is the faster one there."""
+    return (device.type == "cpu" and tokens is not None and tokens <= CPU_MATH_ATTENTION_MAX_TOKENS
+            and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16))
+
+
+def vision_tokens(visual: nn.Module) -> int | None:
+    """How many positions an image tower's attention sees: patches plus prefix tokens for open_clip's and timm's
+    vision transformers; None for towers without that structure (convolutional ones have no attention)."""
+    grid = getattr(visual, "grid_size", None)
+    if grid is not None and hasattr(visual, "class_embedding"):  # open_clip VisionTransformer
+        return math.prod(grid) + 1
+    trunk = getattr(visual, "trunk", None)  # open_clip's TimmModel
+    num_patches = getattr(getattr(trunk, "patch_embed", None), "num_patches", None)
+    if num_patches is not None:
+        return int(num_patches) + int(getattr(trunk, "num_prefix_tokens", 0))
+    return None
 
 
 @contextlib.contextmanager

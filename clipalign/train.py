@@ -160,6 +160,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
     model = create_model(cfg.model, cfg.loss.kind)
     tokenizer = model.tokenizer
+    model.attention = cfg.train.attention
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     if cfg.train.channels_last:
         model.clip.visual.to(memory_format=torch.channels_last)

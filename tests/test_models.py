@@ -266,3 +266,76 @@ def test_trimmed_text_gives_the_full_length_embeddings_and_gradients():
     assert not model.trims_text
     with pytest.raises(ValueError, match=r"needs full-length ids \(32\), got 16"):
         model.encode_text(cut)
+
+
+# ---- attention kernels -------------------------------------------------------------------------------------------
+
+
+def _attention_ops(model, precision: str, grad: bool = True) -> set[str]:
+    """The attention kernels a forward (and backward, when `grad`) of both towers really ran."""
+    pixels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    ids = model.tokenizer(["a red circle", "blue", "two green squares", "cyan"])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            out = model(pixels, ids)
+        if grad:
+            (out["image_features"] @ out["text_features"].t()).sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    return {name for name in names if "scaled_dot_product" in name or name in ("aten::bmm", "aten::_softmax")}
+
+
+def test_auto_attention_runs_math_kernels_only_when_training_in_bf16_on_cpu():
+    from clipalign.model import CPU_MATH_ATTENTION_MAX_TOKENS, vision_tokens
+
+    model = create_model(ModelConfig(name="tiny-vit-64"))
+    assert model.attention == "auto" and model.image_tokens == 65 == vision_tokens(model.clip.visual)
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    trained_bf16 = _attention_ops(model, "bf16")
+    assert flash not in trained_bf16 and {"aten::bmm", "aten::_softmax"} <= trained_bf16
+    assert flash in _attention_ops(model, "fp32")  # fp32: PyTorch's choice
+    assert flash in _attention_ops(model, "bf16", grad=False)  # forward only: flash is the faster one there
+    model.attention = "torch"
+    assert flash in _attention_ops(model, "bf16")
+    model.attention = "math"
+    assert flash not in _attention_ops(model, "fp32")
+    # longer sequences than the threshold keep PyTorch's choice
+    model.attention = "auto"
+    model.image_tokens = CPU_MATH_ATTENTION_MAX_TOKENS + 1
+    assert flash in _attention_ops(model, "bf16")
+    model.attention = "fastest"
+    with pytest.raises(ValueError, match=r"attention 'fastest': expected one of auto, torch, math"):
+        model.encode_text(model.tokenizer(["a"]))
+    with pytest.raises(ConfigError, match=r"train.attention"):
+        load_config(None, ["train.attention=fastest"])
+    from clipalign.config import _CHOICES
+    from clipalign.model import ATTENTION_CHOICES
+
+    assert _CHOICES[("train", "attention")] == ATTENTION_CHOICES  # the recipe key offers what the model runs
+
+
+def test_attention_kernels_give_the_same_embeddings_and_gradients():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="tiny-vit-64"))
+    pixels = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    ids = model.tokenizer(["a small red circle above a blue square", "cyan", "two green triangles on the left"])
+    results = {}
+    for kernels in ("torch", "math"):
+        model.attention = kernels
+        out = model(pixels, ids)
+        loss = (out["image_features"] @ out["text_features"].t()).square().sum()
+        results[kernels] = (out, torch.autograd.grad(loss, list(model.clip.parameters()), allow_unused=True))
+    for key in ("image_features", "text_features"):
+        torch.testing.assert_close(results["math"][0][key], results["torch"][0][key], atol=1e-6, rtol=1e-5)
+    for got, want in zip(results["math"][1], results["torch"][1]):
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_vision_tokens_of_timm_towers():
+    from clipalign.model import vision_tokens
+
+    convnext = create_model(ModelConfig(name="tiny-convnext-64"))
+    assert convnext.image_tokens is None  # no attention in a ConvNeXt
+    vit = create_model(ModelConfig(name="tiny-vit-64", vision_cfg={
+        "timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "image_size": 224}))
+    assert vision_tokens(vit.clip.visual) == 14 * 14 + 1  # patches and the class token
