@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object, parse_flag_from_env, set_seed
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
@@ -136,6 +136,7 @@ def train(cfg: Config) -> dict:
     # ---- processes, precision, run directory -------------------------------------------------------------------
     if cfg.train.accum_steps < 1:
         raise ConfigError(f"train.accum_steps must be at least 1, got {cfg.train.accum_steps}")
+    _refuse_sharded_strategies()
     run_dir = Path(cfg.train.output_dir)
     log_with = None if cfg.train.log_with in ("", "none") else cfg.train.log_with
     # Without an accelerator, Accelerate must be told it runs on CPU; otherwise a multi-process launch on a
@@ -148,6 +149,17 @@ def train(cfg: Config) -> dict:
     finally:
         # closes the process group: a gloo process that exits with it open aborts the whole launch
         accelerator.end_training()
+
+
+def _refuse_sharded_strategies() -> None:
+    """Stop a launch that asks for FSDP or DeepSpeed before it starts: clipalign trains with DDP only. On CPU,
+    Accelerate would silently drop the request and run DDP; on GPUs, evaluation and export would not see whole
+    parameters. `accelerate launch` passes both requests (config file or flags) to the processes as these variables."""
+    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if parse_flag_from_env(flag):
+            raise ConfigError(f"this launch asks for {name} ({flag}=true, from `accelerate config` or the "
+                              f"launcher's flags), but clipalign trains with DDP only: launch with --multi_gpu "
+                              f"(see docs/scaling.md for models that do not fit one device)")
 
 
 def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str | None) -> dict:
@@ -394,10 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.recipe, args.overrides)
-    except ConfigError as e:
+        train(load_config(args.recipe, args.overrides))
+    except ConfigError as e:  # a bad recipe or launch: say what, not where in the code
         parser.exit(2, f"clipalign-train: error: {e}\n")
-    train(cfg)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiproc import accelerate_launch_cmd
+from multiproc import accelerate_launch_cmd, free_port
 from safetensors import safe_open
 
 import clipalign
@@ -163,6 +163,27 @@ def test_console_script_help():
     assert exe.exists(), "install with pip install -e . to get the console scripts"
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "section.key=value" in proc.stdout
+
+
+def test_a_launch_asking_for_fsdp_or_deepspeed_stops_before_training(tmp_path):
+    # on CPU Accelerate would drop an FSDP request and run DDP: the user must hear it, not find out from the memory
+    run = tmp_path / "run"
+    config = tmp_path / "fsdp.yaml"  # what `accelerate config` writes for FSDP
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                      "num_processes: 2\nmixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--main_process_port", str(free_port()), "-m", "clipalign.train", str(QUICKSTART),
+           f"train.output_dir={run}"]
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("clipalign-train: error: this launch asks for FSDP (ACCELERATE_USE_FSDP=true") == 2
+    assert "clipalign trains with DDP only" in proc.stderr
+    env = _env(tmp_path)
+    env["ACCELERATE_USE_DEEPSPEED"] = "true"
+    proc = subprocess.run([sys.executable, "-m", "clipalign.train", str(QUICKSTART), f"train.output_dir={run}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true" in proc.stderr
+    assert not run.exists() and not (tmp_path / "cache").exists()  # nothing was drawn, written or trained
 
 
 @pytest.mark.slow
