@@ -1,25 +1,14 @@
 """tools/benchmark_attention.py: it times both kernels on real tensors and reports what `auto` picks."""
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from tool_module import load_tool
 
 from clipalign.model import CPU_MATH_ATTENTION_MAX_TOKENS
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_attention", REPO / "tools" / "benchmark_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ba = _load_tool()
+ba = load_tool("benchmark_attention")
 
 
 def test_shapes_parse_and_bad_ones_name_the_expected_form():

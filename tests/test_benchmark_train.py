@@ -1,22 +1,11 @@
 """tools/benchmark_train.py: its log parsers, and its own side on real shards (the reference needs its venv)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from tool_module import load_tool
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_train", REPO / "tools" / "benchmark_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bt = _load_tool()
+bt = load_tool("benchmark_train")
 
 # as open_clip_train 3.3.0 writes them (--log-every-n-steps 2, batch 8, 6 steps)
 REFERENCE_LOG = """\

