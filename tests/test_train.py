@@ -18,6 +18,7 @@ from clipalign.checkpoint import latest_checkpoint, list_checkpoints, read_train
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+DDP_CONFIG = REPO / "recipes" / "accelerate" / "ddp.yaml"
 SMALL = ["data.synthetic_samples=512", "data.batch_size=16", "data.workers=1", "data.shuffle_buffer=64",
          "optim.warmup_steps=2", "train.log_every=2", "eval.batch_size=128"]
 
@@ -80,7 +81,11 @@ def test_two_processes_train_and_resume(tmp_path):
     steps = [m for m in _metrics(run) if "loss" in m]
     assert [m["samples"] for m in steps] == [64, 128]  # global batch = 2 processes x 16
 
-    second = _accelerate_launch(2, [*common, "train.steps=6", "train.resume=auto"], _env(tmp_path))
+    # the restart goes through the shipped Accelerate config file, as a user's would
+    second = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
+                             "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "clipalign.train",
+                             *common, "train.steps=6", "train.resume=auto"],
+                            env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
     assert [c.name for c in list_checkpoints(run)] == ["step_00000004", "step_00000006"]  # keep_checkpoints=2
