@@ -339,3 +339,9 @@ def test_vision_tokens_of_timm_towers():
     vit = create_model(ModelConfig(name="tiny-vit-64", vision_cfg={
         "timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "image_size": 224}))
     assert vision_tokens(vit.clip.visual) == 14 * 14 + 1  # patches and the class token
+
+
+def test_the_trainer_hands_train_attention_to_the_model(shards, tmp_path):
+    # PyTorch has no memory-efficient attention kernel on CPU: a run held to it fails inside the towers' attention
+    with pytest.raises(RuntimeError, match=r"No viable backend for scaled_dot_product_attention"):
+        _train(_one_step(REPO / "recipes" / "quickstart.yaml", shards, tmp_path / "run", "train.attention=efficient"))
