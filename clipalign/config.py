@@ -135,12 +135,15 @@ class Config:
         os.replace(tmp, path)
 
 
+# train.attention: "auto", PyTorch's own choice, or one scaled_dot_product_attention backend (clipalign.model)
+ATTENTION_CHOICES = ("auto", "torch", "math", "flash", "efficient", "cudnn")
+
 _CHOICES = {
     ("loss", "kind"): ("contrastive", "sigmoid"),
     ("loss", "mode"): ("dense", "local", "tiled"),
     ("loss", "exchange"): ("ring", "gather"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
-    ("train", "attention"): ("auto", "torch", "math", "flash", "efficient", "cudnn"),
+    ("train", "attention"): ATTENTION_CHOICES,
     ("eval", "precision"): ("fp32", "bf16", "fp16"),
 }
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clipalign.checkpoint import resolve_checkpoint
-from clipalign.config import ConfigError, ModelConfig, read_config
+from clipalign.config import ATTENTION_CHOICES, ConfigError, ModelConfig, read_config
 from clipalign.model_configs import MODEL_CONFIG_DIR  # noqa: F401  (registers our configs with open_clip)
 from clipalign.tokenizer import SentencePieceTokenizer, build_tokenizer
 
@@ -36,14 +36,14 @@ IMAGE_ENCODER_CONFIG = "image_encoder_config.json"
 TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
 TEXT_ENCODER_CONFIG = "text_encoder_config.json"
 TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece tokenizer travels with checkpoints and exports under this name
-# Attention kernels (`scaled_dot_product_attention` backends) a tower may be held to; "auto" and "torch" pick none
+# Attention kernels (`scaled_dot_product_attention` backends) a tower may be held to; of ATTENTION_CHOICES, "auto"
+# and "torch" pick none
 ATTENTION_BACKENDS = {
     "math": SDPBackend.MATH,
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-ATTENTION_CHOICES = ("auto", "torch", *ATTENTION_BACKENDS)
 # "auto" on CPU: under bf16/fp16 autocast, PyTorch's CPU flash-attention backward is 2-3x slower than the plain
 # (math) kernels for sequences up to about 128 tokens and faster beyond (docs/benchmarks.md)
 CPU_MATH_ATTENTION_MAX_TOKENS = 128

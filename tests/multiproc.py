@@ -19,14 +19,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch_cmd(num_processes: int, target: list[str]) -> list[str]:
+def accelerate_launch_cmd(num_processes: int, target: list[str], config_file: Path | None = None) -> list[str]:
     """`accelerate launch` of `target` (a script and its arguments, or `-m module ...`) on `num_processes` processes.
 
     `--multi_gpu` is what starts several processes; without GPUs the script must pass `Accelerator(cpu=True)` (or the
-    environment must set ACCELERATE_USE_CPU=true) for gloo and DDP.
+    environment must set ACCELERATE_USE_CPU=true) for gloo and DDP. With `config_file`, the launch takes its setup
+    from that Accelerate config file instead, as a user's `accelerate launch --config_file` does.
     """
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    setup = (["--config_file", str(config_file)] if config_file is not None else
+             ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+    return [sys.executable, "-m", "accelerate.commands.launch", *setup, "--num_processes", str(num_processes),
             "--main_process_port", str(free_port()), *target]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiproc import accelerate_launch_cmd, free_port
+from multiproc import accelerate_launch_cmd
 from safetensors import safe_open
 
 import clipalign
@@ -34,8 +34,9 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _accelerate_launch(num_processes: int, args: list[str], env: dict) -> subprocess.CompletedProcess:
-    cmd = accelerate_launch_cmd(num_processes, ["-m", "clipalign.train", *args])
+def _accelerate_launch(num_processes: int, args: list[str], env: dict,
+                       config_file: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = accelerate_launch_cmd(num_processes, ["-m", "clipalign.train", *args], config_file)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -82,10 +83,7 @@ def test_two_processes_train_and_resume(tmp_path):
     assert [m["samples"] for m in steps] == [64, 128]  # global batch = 2 processes x 16
 
     # the restart goes through the shipped Accelerate config file, as a user's would
-    second = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
-                             "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "clipalign.train",
-                             *common, "train.steps=6", "train.resume=auto"],
-                            env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    second = _accelerate_launch(2, [*common, "train.steps=6", "train.resume=auto"], _env(tmp_path), DDP_CONFIG)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
     assert [c.name for c in list_checkpoints(run)] == ["step_00000004", "step_00000006"]  # keep_checkpoints=2
@@ -176,10 +174,7 @@ def test_a_launch_asking_for_fsdp_or_deepspeed_stops_before_training(tmp_path):
     config = tmp_path / "fsdp.yaml"  # what `accelerate config` writes for FSDP
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
                       "num_processes: 2\nmixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--main_process_port", str(free_port()), "-m", "clipalign.train", str(QUICKSTART),
-           f"train.output_dir={run}"]
-    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = _accelerate_launch(2, [str(QUICKSTART), f"train.output_dir={run}"], _env(tmp_path), config)
     assert proc.returncode != 0
     # every process stops; the launcher may end the second before it has printed the same line
     assert "clipalign-train: error: this launch asks for FSDP (ACCELERATE_USE_FSDP=true" in proc.stderr

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clipalign.model import CPU_MATH_ATTENTION_MAX_TOKENS  # noqa: E402
+from clipalign.model import use_cpu_math_attention  # noqa: E402
 
 # BATCHxHEADSxPOSITIONSxHEAD_WIDTH, "c" = causal mask (a text tower): tiny-vit-64's towers at batch 128, ViT-B/32's
 # towers (50 patches+class, 77 text positions) and ViT-B/16's image tower (197), at batch 64
@@ -73,7 +73,9 @@ def measure(shape, precision: str, repeats: int, forward_only: bool) -> dict:
         for name, backend in kernels.items():
             times[name].append(_step(q, k, v, mask, backend, forward_only))
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    auto_math = (not forward_only and precision in ("bf16", "fp16") and n <= CPU_MATH_ATTENTION_MAX_TOKENS)
+    # what a tower of n positions runs under `auto` in a training step (or an evaluation) at this precision
+    with torch.set_grad_enabled(not forward_only), torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+        auto_math = use_cpu_math_attention(torch.device("cpu"), n)
     return {"shape": f"{b}x{h}x{n}x{d}{'c' if causal else ''}", "precision": precision,
             "pass": "forward" if forward_only else "forward+backward",
             "reference_ms": med["reference"] * 1e3, "math_ms": med["math"] * 1e3,
