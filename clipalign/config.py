@@ -57,7 +57,8 @@ class ModelConfig:
 class LossConfig:
     kind: str = "contrastive"  # contrastive (InfoNCE) | sigmoid (SigLIP); never inferred from the model name
     mode: str = "local"  # contrastive: dense | local | tiled
-    tile_size: int = 4096  # tiled: columns of the similarity matrix held at once
+    tile_size: int = 0  # tiled, pure-torch path: columns of the similarity matrix held at once; 0 = from a budget
+    tiled_kernel: str = "auto"  # tiled: auto (fused Triton kernels on CUDA when triton imports) | torch | triton
     label_smoothing: float = 0.0  # contrastive only
     exchange: str = "ring"  # sigmoid: how negatives of other processes arrive, ring (neighbour to neighbour) | gather
 
@@ -141,6 +142,7 @@ ATTENTION_CHOICES = ("auto", "torch", "math", "flash", "efficient", "cudnn")
 _CHOICES = {
     ("loss", "kind"): ("contrastive", "sigmoid"),
     ("loss", "mode"): ("dense", "local", "tiled"),
+    ("loss", "tiled_kernel"): ("auto", "torch", "triton"),
     ("loss", "exchange"): ("ring", "gather"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "attention"): ATTENTION_CHOICES,

@@ -19,6 +19,20 @@ from clipalign.config import ConfigError, LossConfig
 from clipalign.distributed import all_gather_with_grad, get_rank, get_world_size, ring_exchange_with_grad
 
 CONTRASTIVE_MODES = ("dense", "local", "tiled")
+TILED_KERNELS = ("auto", "torch", "triton")
+# tile_size=0: tiles sized so that their fp32 blocks (about 3 of (B_local, T) at once) take at most this many bytes,
+# and at most a quarter of the columns, so that they hold at most 1/8 of local mode's ~6 (B_local, B_global) blocks
+TILE_BUDGET_BYTES = 256 * 2**20
+_TILE_BLOCKS = 3
+_TILE_ALIGN = 64  # a multiple of the matrix-product blocks of CPU and GPU kernels
+
+
+def auto_tile_size(num_rows: int, num_cols: int) -> int:
+    """Columns per tile for `num_rows` local rows against `num_cols` columns when `tile_size` is 0 (auto)."""
+    by_budget = TILE_BUDGET_BYTES // (_TILE_BLOCKS * 4 * max(num_rows, 1))
+    by_fraction = -(-num_cols // 4)
+    tile = max(_TILE_ALIGN, min(by_budget, by_fraction) // _TILE_ALIGN * _TILE_ALIGN)
+    return max(1, min(tile, num_cols))
 
 
 class ContrastiveLoss(nn.Module):
@@ -30,29 +44,40 @@ class ContrastiveLoss(nn.Module):
             of those rows; the mean of the returned values over processes is the global loss.
         tiled: the value and gradients of local, but the rows meet the columns `tile_size` at a time with an online
             log-sum-exp and the backward recomputes each tile: memory O(B_local * tile_size), not O(B_local * B_global).
+            On CUDA with triton installed, fused kernels (`clipalign.fused_infonce`) do the same without any tile
+            in memory.
 
     Args:
         mode: "dense", "local" or "tiled".
         label_smoothing: as in `F.cross_entropy`, applied to each row over its B_global classes.
         gather: False scores the local batch alone (world-size-1 semantics, no collectives), e.g. for a reference.
-        tile_size: tiled only: columns of the similarity matrix held at once.
+        tile_size: tiled, pure-torch path: columns of the similarity matrix held at once; 0 sizes them from a
+            memory budget (`auto_tile_size`).
+        tiled_kernel: tiled only. "auto": the fused Triton kernels when the features are on CUDA and triton imports,
+            else pure torch; "torch": always pure torch; "triton": always the kernels (an error where they cannot
+            run; on CPU only under TRITON_INTERPRET=1).
     """
 
-    def __init__(self, mode: str = "local", label_smoothing: float = 0.0, gather: bool = True, tile_size: int = 4096):
+    def __init__(self, mode: str = "local", label_smoothing: float = 0.0, gather: bool = True, tile_size: int = 0,
+                 tiled_kernel: str = "auto"):
         super().__init__()
         if mode not in CONTRASTIVE_MODES:
             raise ValueError(f"contrastive loss mode {mode!r} is not one of {', '.join(CONTRASTIVE_MODES)}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
-            raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 0:
+            raise ValueError(f"tile_size must be a positive integer (or 0: sized from a memory budget), "
+                             f"got {tile_size!r}")
+        if tiled_kernel not in TILED_KERNELS:
+            raise ValueError(f"tiled_kernel {tiled_kernel!r} is not one of {', '.join(TILED_KERNELS)}")
         self.mode = mode
         self.label_smoothing = label_smoothing
         self.gather = gather
         self.tile_size = tile_size
+        self.tiled_kernel = tiled_kernel
 
     def extra_repr(self) -> str:
-        tile = f", tile_size={self.tile_size}" if self.mode == "tiled" else ""
+        tile = f", tile_size={self.tile_size}, tiled_kernel={self.tiled_kernel!r}" if self.mode == "tiled" else ""
         return f"mode={self.mode!r}, label_smoothing={self.label_smoothing}, gather={self.gather}{tile}"
 
     def forward(
@@ -76,7 +101,7 @@ class ContrastiveLoss(nn.Module):
             if not isinstance(logit_scale, torch.Tensor):
                 logit_scale = torch.tensor(logit_scale, dtype=image_features.dtype, device=image_features.device)
             return _tiled_contrastive_loss(image_features, text_features, gathered, logit_scale, logit_bias,
-                                           self.label_smoothing, self.tile_size)
+                                           self.label_smoothing, self.tile_size, self.tiled_kernel)
 
         if world_size == 1:
             all_image, all_text = image_features, text_features
@@ -119,6 +144,7 @@ def _tiled_contrastive_loss(
     bias: torch.Tensor | float | None,
     label_smoothing: float,
     tile_size: int,
+    kernel: str = "torch",
 ) -> torch.Tensor:
     """This process's share of the CLIP loss, scoring the local rows against the columns a tile at a time.
 
@@ -127,11 +153,14 @@ def _tiled_contrastive_loss(
     logits and eps the label smoothing, `F.cross_entropy` is lse(z) - (1 - eps) * z[label] - eps * mean(z);
     `_TiledInfoNCE` gives lse and mean(z) for both directions and the positive logit z[label] = scale * u_i . v_i.
     A bias added to every logit cancels out; it stays in the graph as in dense and local (DDP expects every parameter
-    to get a gradient).
+    to get a gradient). `kernel` is ContrastiveLoss's `tiled_kernel`; tile_size 0 is `auto_tile_size`'s.
     """
     all_image, all_text = gathered if gathered is not None else (image, text)
+    fused = _use_fused_kernels(kernel, image, _compute_dtype(image), all_text.shape[0])
+    if tile_size == 0:
+        tile_size = auto_tile_size(image.shape[0], all_text.shape[0])
     lse_image, lse_text, mean_image, mean_text, positive = _TiledInfoNCE.apply(
-        image, text, all_image, all_text, scale, tile_size, gathered is not None)  # (B_local,) each
+        image, text, all_image, all_text, scale, tile_size, gathered is not None, fused)  # (B_local,) each
     if bias is not None:
         lse_image, lse_text, mean_image, mean_text, positive = (
             x + bias for x in (lse_image, lse_text, mean_image, mean_text, positive))
@@ -142,6 +171,25 @@ def _tiled_contrastive_loss(
         return (lse - (1 - label_smoothing) * positive - label_smoothing * mean).mean()
 
     return (cross_entropy(lse_image, mean_image) + cross_entropy(lse_text, mean_text)) / 2
+
+
+def _use_fused_kernels(kernel: str, x: torch.Tensor, dtype: torch.dtype, num_cols: int | None = None) -> bool:
+    """Whether the tiled loss runs clipalign.fused_infonce's Triton kernels (see ContrastiveLoss's `tiled_kernel`)."""
+    if kernel == "torch" or (kernel == "auto" and not x.is_cuda):
+        return False  # CPU users never import triton on the auto path
+    from clipalign import fused_infonce
+
+    num_cols = x.shape[0] if num_cols is None else num_cols
+    if fused_infonce.supports(x, dtype) and fused_infonce.fits(x.shape[0], num_cols, x.shape[-1]):
+        return True
+    if kernel == "triton":
+        why = ("triton is not importable" if not fused_infonce.available() else
+               f"products in {dtype} are not supported" if dtype not in fused_infonce.KERNEL_DTYPES else
+               f"{num_cols} x {x.shape[-1]} features are too many for 32-bit offsets"
+               if not fused_infonce.fits(x.shape[0], num_cols, x.shape[-1]) else
+               "the features are on CPU and TRITON_INTERPRET=1 was not set before triton was imported")
+        raise RuntimeError(f"loss.tiled_kernel=triton cannot run here: {why}; use tiled_kernel auto or torch")
+    return False
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -162,15 +210,24 @@ class _TiledInfoNCE(torch.autograd.Function):
     copies) the backward writes each column tile's gradient over its features once nothing reads them any more, so
     the gathered features and their gradient never take memory at the same time; running backward twice through
     such a graph then trips autograd's in-place check instead of using overwritten features.
+
+    With `fused`, Triton kernels (clipalign.fused_infonce) replace the tiles: no tile of logits is ever in memory,
+    the column gradients go to fresh buffers (no overwriting), and without `overwrite_columns` (one process: the
+    columns are the rows themselves) one pass over s * image @ text.T gives both directions' log-sum-exp, and one
+    backward both directions' gradients.
     """
 
     @staticmethod
-    def forward(ctx, image, text, all_image, all_text, scale, tile_size, overwrite_columns):
+    def forward(ctx, image, text, all_image, all_text, scale, tile_size, overwrite_columns, fused=False):
         ctx.set_materialize_grads(False)
         ctx.tile_size, ctx.dtype, ctx.overwrite = tile_size, _compute_dtype(image), overwrite_columns
+        ctx.fused, ctx.symmetric = fused, fused and not overwrite_columns
         with torch.autocast(image.device.type, enabled=False):
-            lse_image = _online_logsumexp(scale * image, all_text, tile_size, ctx.dtype)  # (B_local,)
-            lse_text = _online_logsumexp(scale * text, all_image, tile_size, ctx.dtype)  # (B_local,)
+            if fused:
+                lse_image, lse_text = _fused_logsumexp(image, text, all_image, all_text, scale, ctx)
+            else:
+                lse_image = _online_logsumexp(scale * image, all_text, tile_size, ctx.dtype)  # (B_local,)
+                lse_text = _online_logsumexp(scale * text, all_image, tile_size, ctx.dtype)  # (B_local,)
             acc = lse_image.dtype
             # mean_j(s u_i . v_j) = s u_i . mean_j(v_j): the smoothing term needs no tiles
             mean_image = (scale * (image @ all_text.mean(dim=0))).to(acc)  # (B_local,)
@@ -192,11 +249,16 @@ class _TiledInfoNCE(torch.autograd.Function):
             center_image = all_image.mean(dim=0, dtype=acc) if grad_mean_text is not None else None  # (D,)
             col_text = None if center_text is None else scale * (grad_mean_image @ u) / num_cols  # (D,)
             col_image = None if center_image is None else scale * (grad_mean_text @ v) / num_cols  # (D,)
-            grad_u, grad_all_text, grad_scale = _logsumexp_backward(u, all_text, lse_image, grad_lse_image, scale,
-                                                                    col_text, ctx)
-            grad_v, grad_all_image, grad_scale_text = _logsumexp_backward(v, all_image, lse_text, grad_lse_text,
-                                                                          scale, col_image, ctx)
-            grad_scale += grad_scale_text
+            if ctx.fused:
+                grad_u, grad_v, grad_all_image, grad_all_text, grad_scale = _fused_logsumexp_backward(
+                    image, text, all_image, all_text, scale, lse_image, lse_text, grad_lse_image, grad_lse_text,
+                    col_image, col_text, ctx)
+            else:
+                grad_u, grad_all_text, grad_scale = _logsumexp_backward(u, all_text, lse_image, grad_lse_image,
+                                                                        scale, col_text, ctx)
+                grad_v, grad_all_image, grad_scale_text = _logsumexp_backward(v, all_image, lse_text, grad_lse_text,
+                                                                              scale, col_image, ctx)
+                grad_scale += grad_scale_text
             if grad_positive is not None:  # positive_i = s u_i . v_i
                 grad_u += grad_positive[:, None] * scale * v
                 grad_v += grad_positive[:, None] * scale * u
@@ -216,7 +278,64 @@ class _TiledInfoNCE(torch.autograd.Function):
             grad_scale.reshape(scale.shape).to(scale.dtype) if needs[4] else None,
             None,
             None,
+            None,
         )
+
+
+def _fused_logsumexp(image, text, all_image, all_text, scale, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions' log-sum-exp from the Triton kernels: one pass when symmetric, else one per direction."""
+    from clipalign import fused_infonce
+
+    dtype = ctx.dtype
+    if ctx.symmetric:  # s * text @ image.T is the transpose: its rows' log-sum-exp are the columns'
+        return fused_infonce.lse_forward(image.to(dtype), text.to(dtype), scale, symmetric=True)
+    lse_image, _ = fused_infonce.lse_forward(image.to(dtype), all_text.to(dtype), scale)  # (B_local,)
+    lse_text, _ = fused_infonce.lse_forward(text.to(dtype), all_image.to(dtype), scale)  # (B_local,)
+    return lse_image, lse_text
+
+
+def _fused_logsumexp_backward(image, text, all_image, all_text, scale, lse_image, lse_text, grad_lse_image,
+                              grad_lse_text, col_image, col_text, ctx):
+    """`_logsumexp_backward` of both directions by the Triton kernels: d image, d text, d all_image, d all_text, d s.
+
+    The per-column terms `col_image` / `col_text` (label smoothing's mean) are added here too. When symmetric, the
+    columns are the local rows, so their gradients join the rows' and d all_image = d all_text = None.
+    """
+    from clipalign import fused_infonce
+
+    dtype, acc = ctx.dtype, lse_image.dtype
+    u, v = image.to(acc), text.to(acc)  # (B_local, D)
+    grad_u, grad_v = torch.zeros_like(u), torch.zeros_like(v)  # s * sum_j G_ij cols_j, built below
+    grad_all_image = grad_all_text = None
+    grad_scale = torch.zeros((), dtype=acc, device=u.device)
+    if ctx.symmetric:
+        if grad_lse_image is not None or grad_lse_text is not None:
+            g_image = grad_lse_image if grad_lse_image is not None else torch.zeros_like(lse_image)
+            g_text = grad_lse_text if grad_lse_text is not None else torch.zeros_like(lse_text)
+            sum_u, sum_v = fused_infonce.lse_backward(image.to(dtype), text.to(dtype), scale, lse_image, g_image,
+                                                      lse_text, g_text)  # (B, D) each, fp32
+            grad_scale = grad_scale + (u * sum_u.to(acc)).sum()  # both directions: G holds both
+            grad_u, grad_v = scale * sum_u.to(acc), scale * sum_v.to(acc)
+        if col_image is not None:
+            grad_u += col_image
+        if col_text is not None:
+            grad_v += col_text
+        return grad_u, grad_v, None, None, grad_scale
+
+    def one_direction(rows, row_acc, cols, lse, grad_lse, col_grad):
+        if grad_lse is None:
+            grad_cols = torch.zeros(cols.shape, dtype=acc, device=cols.device)
+            return torch.zeros_like(row_acc), grad_cols + col_grad if col_grad is not None else grad_cols, 0.0
+        sum_rows, sum_cols = fused_infonce.lse_backward(rows.to(dtype), cols.to(dtype), scale, lse, grad_lse)
+        grad_cols = scale * sum_cols.to(acc)  # (B_cols, D)
+        if col_grad is not None:
+            grad_cols += col_grad
+        return scale * sum_rows.to(acc), grad_cols, (row_acc * sum_rows.to(acc)).sum()
+
+    grad_u, grad_all_text, scale_image = one_direction(image, u, all_text, lse_image, grad_lse_image, col_text)
+    grad_v, grad_all_image, scale_text = one_direction(text, v, all_image, lse_text, grad_lse_text, col_image)
+    grad_scale = grad_scale + scale_image + scale_text
+    return grad_u, grad_v, grad_all_image.to(all_image.dtype), grad_all_text.to(all_text.dtype), grad_scale
 
 
 def _online_logsumexp(scaled_rows: torch.Tensor, cols: torch.Tensor, tile_size: int, dtype: torch.dtype):
@@ -401,4 +520,5 @@ def build_loss(cfg: LossConfig) -> nn.Module:
         return SigmoidLoss(exchange=cfg.exchange)
     if cfg.kind != "contrastive":
         raise ConfigError(f"loss.kind {cfg.kind!r} is not supported; supported kinds: contrastive, sigmoid")
-    return ContrastiveLoss(mode=cfg.mode, label_smoothing=cfg.label_smoothing, tile_size=cfg.tile_size)
+    return ContrastiveLoss(mode=cfg.mode, label_smoothing=cfg.label_smoothing, tile_size=cfg.tile_size,
+                           tiled_kernel=cfg.tiled_kernel)

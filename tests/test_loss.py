@@ -11,7 +11,7 @@ from multiproc import check_runner
 
 from clipalign.config import LossConfig
 from clipalign.distributed import all_gather_with_grad, get_rank, get_world_size
-from clipalign.loss import ContrastiveLoss, _tiled_contrastive_loss, build_loss
+from clipalign.loss import TILE_BUDGET_BYTES, ContrastiveLoss, _tiled_contrastive_loss, auto_tile_size, build_loss
 
 REPO = Path(__file__).resolve().parent.parent
 GRAD_CHECK = REPO / "tests" / "dist_grad_check.py"
@@ -147,6 +147,33 @@ def test_tiled_gradient_written_over_gathered_copies():
         loss.backward()
 
 
+@pytest.mark.parametrize(("rows", "cols", "tile"), [
+    (12, 12, 12),  # small: every column at once (at least 64, at most B_global)
+    (300, 1000, 192),  # a quarter of the columns, rounded down to 64: at most 1/8 of local mode's logits
+    (512, 32768, 8192),  # 512 rows x 32k columns on 64 processes: a quarter of the columns
+    (4096, 65536, 5440),  # the byte budget: 3 fp32 blocks of 4096 x 5440 are <= 256 MiB
+    (32768, 32768, 640),  # one process at 32k
+    (65536, 65536, 320),
+    (2**22, 2**22, 64),  # never below 64 columns
+])
+def test_auto_tile_size_from_the_budget(rows, cols, tile):
+    assert auto_tile_size(rows, cols) == tile
+    if 64 < tile < cols:
+        assert 3 * 4 * rows * tile <= TILE_BUDGET_BYTES and 4 * tile <= cols + 3
+
+
+def test_tile_size_zero_is_auto_and_equals_explicit_tiles():
+    assert ContrastiveLoss().tile_size == 0 and LossConfig().tile_size == 0
+    inputs = _features(batch=300, dim=8)  # auto: a quarter of the 300 columns rounded to 64, so 64 + a ragged tile
+    assert auto_tile_size(300, 300) == 64
+    auto = _value_and_grads(ContrastiveLoss("tiled", 0.1), *inputs)
+    explicit = _value_and_grads(ContrastiveLoss("tiled", 0.1, tile_size=64), *inputs)
+    dense = _value_and_grads(ContrastiveLoss("dense", 0.1), *inputs)
+    for name, a, b, c in zip(["loss", "d image", "d text", "d logit_scale"], auto, explicit, dense):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}: tile_size=0 != tile_size=64")
+        torch.testing.assert_close(a, c, rtol=RTOL, atol=1e-7, msg=f"{name}: tiled != dense")
+
+
 def test_gather_false_never_gathers():
     inputs = _features()
     torch.testing.assert_close(ContrastiveLoss("local", gather=False)(*inputs), ContrastiveLoss("local")(*inputs))
@@ -157,13 +184,17 @@ def test_build_loss_and_its_errors():
     assert isinstance(loss, ContrastiveLoss) and (loss.mode, loss.label_smoothing) == ("dense", 0.2)
     loss = build_loss(LossConfig(kind="contrastive", mode="tiled", tile_size=256))
     assert (loss.mode, loss.tile_size) == ("tiled", 256) and "tile_size=256" in repr(loss)
+    loss = build_loss(LossConfig(kind="contrastive", mode="tiled", tiled_kernel="torch"))
+    assert (loss.tile_size, loss.tiled_kernel) == (0, "torch") and "tiled_kernel='torch'" in repr(loss)
     with pytest.raises(ValueError, match=r"loss\.kind 'triplet' is not supported; supported kinds: contrastive"):
         build_loss(LossConfig(kind="triplet"))  # sigmoid is SigmoidLoss's (tests/test_sigmoid_loss.py)
     with pytest.raises(ValueError, match=r"'tiles' is not one of dense, local, tiled"):
         ContrastiveLoss("tiles")
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="tile_size must be a positive integer"):
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"tile_size must be a positive integer .*got {bad!r}"):
             ContrastiveLoss("tiled", tile_size=bad)
+    with pytest.raises(ValueError, match="tiled_kernel 'cuda' is not one of auto, torch, triton"):
+        ContrastiveLoss("tiled", tiled_kernel="cuda")
     with pytest.raises(ValueError, match="label_smoothing"):
         ContrastiveLoss(label_smoothing=1.0)
 

@@ -16,11 +16,20 @@ gather_with_grad=True, rank=..., world_size=...)` (open_clip's memory-saving set
   warm-up step are not timed.
 - the ratio of both to the reference's.
 
-A configuration whose estimated memory over all its processes exceeds `--max-gib` is skipped with the estimate.
+A configuration whose estimated memory over all its processes exceeds `--max-gib` is skipped with the estimate (CPU).
+
+`tiled` runs once per `--tiled-kernels` entry: `auto` (named `tiled T=SIZE`: the fused Triton kernels on CUDA when
+triton imports, else pure torch), `torch` (`tiled-torch T=SIZE`, pure torch on any device) and `triton`
+(`tiled-triton`: the kernels, which have no tiles; CUDA only). `--tile-size 0` sizes the torch path's tiles from its
+memory budget (`clipalign.loss.auto_tile_size`). `--dtype` is the features' dtype (bf16 on a CPU without native
+bf16 runs a reference GEMM, hundreds of times slower: keep fp32 there).
 
     python tools/benchmark_loss.py                                   # B_global 4k..32k, 1 and 4 processes
     python tools/benchmark_loss.py --sizes 4096 --world-sizes 2 --modes tiled --repeats 3 --tile-size 1024
     python tools/benchmark_loss.py --sizes 16384 --world-sizes 4 --modes tiled --tile-size 512 1024 2048 4096
+    # one GPU, bf16: open_clip's local loss against the fused kernels and the pure-torch tiles
+    python tools/benchmark_loss.py --device cuda --world-sizes 1 --sizes 16384 32768 65536 --dim 512 \
+        --dtype bf16 --modes tiled --tiled-kernels triton torch --tile-size 0 4096 --repeats 10 --json loss.json
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("dense", "local", "tiled")
+TILED_KERNELS = ("auto", "torch", "triton")
+DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}  # name -> bytes per element
 REFERENCE = "open_clip"  # open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True)
 GIB = 2**30
 MIB = 2**20
@@ -57,7 +68,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed steps per mode (>= 3 for a median)")
     p.add_argument("--dim", type=int, default=512, help="embedding dimension")
     p.add_argument("--tile-size", type=int, nargs="+", default=[1024],
-                   help="tiled mode's columns per tile; several values measure tiled once per value")
+                   help="tiled mode's columns per tile (0: from a memory budget); several values measure tiled once "
+                        "per value (not for the Triton kernels, which have no tiles)")
+    p.add_argument("--tiled-kernels", nargs="+", choices=TILED_KERNELS, default=["auto"],
+                   help="tiled mode's kernels, each measured: auto, torch (pure torch), triton (fused, CUDA)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the features (and logits)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process; 0 = cores / processes")
     p.add_argument("--max-gib", type=float, default=14.0,
                    help="skip a mode whose estimated memory over all processes of a configuration exceeds this")
@@ -72,36 +87,60 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if any(t < 0 for t in args.tile_size):
+        p.error("--tile-size values must be positive, or 0 for the memory budget")
     return args
 
 
-def _variants(modes: list[str], tile_sizes: list[int]) -> list[str]:
-    """The reference first, then each mode; tiled once per tile size, named `tiled:SIZE`."""
+def _variants(modes: list[str], tile_sizes: list[int], kernels: tuple[str, ...] = ("auto",)) -> list[str]:
+    """The reference first, then each mode; tiled once per kernel and tile size: `tiled:SIZE` (auto),
+    `tiled-torch:SIZE`, `tiled-triton`."""
     out = [REFERENCE]
     for mode in modes:
-        out += [f"tiled:{t}" for t in tile_sizes] if mode == "tiled" else [mode]
+        if mode != "tiled":
+            out.append(mode)
+            continue
+        for kernel in kernels:
+            if kernel == "triton":
+                out.append("tiled-triton")
+            else:
+                out += [f"tiled{'' if kernel == 'auto' else '-' + kernel}:{t}" for t in tile_sizes]
     return out
 
 
 def _split(variant: str) -> tuple[str, int]:
+    """(mode, tile size) of a variant name."""
     mode, _, tile = variant.partition(":")
-    return mode, int(tile or 0)
+    return mode.partition("-")[0], int(tile or 0)
+
+
+def _kernel(variant: str) -> str:
+    """The `tiled_kernel` of a variant name (auto for every other mode)."""
+    _, dash, kernel = variant.partition(":")[0].partition("-")
+    return kernel if dash else "auto"
+
+
+def _display_name(variant: str) -> str:
+    if variant == REFERENCE:
+        return "open_clip ClipLoss (ref)"
+    name, _, tile = variant.partition(":")
+    return f"{name} T={'auto' if tile == '0' else tile}" if tile else name
 
 
 # ---- estimates and launching (the parent) ----------------------------------------------------------------------------
 
 
-def _estimated_bytes(variant: str, size: int, world: int, dim: int) -> int:
+def _estimated_bytes(variant: str, size: int, world: int, dim: int, element: int = 4) -> int:
     """Rough peak of one configuration over all its processes: logits, features and their gradients, overhead."""
     mode, tile_size = _split(variant)
     local = size // world
-    features = 6 * size * dim * 4  # gathered features of both towers, their gradient, the gather's reduce buffer
+    features = 6 * size * dim * element  # gathered features of both towers, their gradient, the gather's buffer
     if mode == "tiled":
-        logits = 3 * local * min(tile_size, size) * 4
+        logits = 3 * local * min(tile_size or 4096, size) * 4  # fp32 blocks in every dtype
     elif mode == "dense" or (mode == "local" and world == 1):
-        logits = _MATRICES["dense"] * size * size * 4
+        logits = _MATRICES["dense"] * size * size * element
     else:
-        logits = _MATRICES[mode] * local * size * 4
+        logits = _MATRICES[mode] * local * size * element
     return int(world * (logits + features + _PROCESS_OVERHEAD))
 
 
@@ -125,7 +164,7 @@ def _run_configuration(args: argparse.Namespace, size: int, world: int, modes: l
         out = Path(tmp) / "result.json"
         worker = [str(Path(__file__).resolve()), "--worker", "--size", str(size), "--run-modes", *modes,
                   "--repeats", str(args.repeats), "--dim", str(args.dim), "--threads", str(args.threads),
-                  "--device", device, "--out", str(out)]
+                  "--device", device, "--dtype", args.dtype, "--out", str(out)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         if device == "cpu":
@@ -157,14 +196,14 @@ def _table(rows: list[dict]) -> str:
     for (size, world), modes in by_config.items():
         ref = modes.get(REFERENCE, {})
         for mode, row in modes.items():
-            name = "open_clip ClipLoss (ref)" if mode == REFERENCE else mode.replace(":", " T=")
+            name = _display_name(mode)
             if row.get("skipped"):
                 lines.append(f"| {size} | {world} | {size // world} | | {name} | {row['skipped']} | | | | |")
                 continue
-            times = ", ".join(f"{t:.2f}" for t in row["times_s"])
+            times = ", ".join(f"{t:.4g}" for t in row["times_s"])
             lines.append(f"| {size} | {world} | {size // world} | {row['device']} | {name} "
                          f"| {row['peak_bytes'] / MIB:.1f} | {_ratio(row['peak_bytes'], ref.get('peak_bytes'))} "
-                         f"| {row['median_s']:.3f} | {_ratio(row['median_s'], ref.get('median_s'))} | {times} |")
+                         f"| {row['median_s']:.4g} | {_ratio(row['median_s'], ref.get('median_s'))} | {times} |")
     return "\n".join(lines)
 
 
@@ -181,8 +220,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"B_global {size} over {world} processes: not divisible, skipped", flush=True)
                 continue
             run = []
-            for mode in _variants(args.modes, args.tile_size):
-                need = _estimated_bytes(mode, size, world, args.dim)
+            for mode in _variants(args.modes, args.tile_size, args.tiled_kernels):
+                if mode == "tiled-triton" and device != "cuda":
+                    print(f"B_global {size}, {world} processes, {mode}: skipped (needs CUDA)", flush=True)
+                    continue
+                need = _estimated_bytes(mode, size, world, args.dim, DTYPES[args.dtype])
                 if device == "cpu" and need > args.max_gib * GIB:
                     skipped = f"skipped: would need ~{need / GIB:.0f} GiB"
                     rows.append({"size": size, "world": world, "mode": mode, "skipped": skipped})
@@ -198,22 +240,34 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"size": size, "world": world, "mode": mode, "device": result["device"], **row})
             print(f"B_global {size}, {world} processes: {', '.join(run)} measured in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
-            _check_losses(result)
+            _check_losses(result, args.dtype)
     print()
     threads = args.threads or "cores / processes"
-    print(f"dim {args.dim}, fp32, repeats {args.repeats}, torch threads per process: {threads}, "
+    print(f"dim {args.dim}, {args.dtype}, repeats {args.repeats}, torch threads per process: {threads}, "
           f"{len(os.sched_getaffinity(0))} cores")
     print(_table(rows))
+    _add_ratios(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def _check_losses(result: dict) -> None:
+def _add_ratios(rows: list[dict]) -> None:
+    """Give every measured row `memory_ratio` and `time_ratio`: its peak and median over the reference's."""
+    refs = {(r["size"], r["world"]): r for r in rows if r["mode"] == REFERENCE and not r.get("skipped")}
+    for row in rows:
+        ref = refs.get((row["size"], row["world"]))
+        if ref is not None and not row.get("skipped"):
+            row["memory_ratio"] = row["peak_bytes"] / ref["peak_bytes"] if ref["peak_bytes"] else None
+            row["time_ratio"] = row["median_s"] / ref["median_s"] if ref["median_s"] else None
+
+
+def _check_losses(result: dict, dtype: str = "fp32") -> None:
     """Every mode scores the same features: their global losses must agree (a benchmark of a wrong loss is moot)."""
     values = {mode: row["global_loss"] for mode, row in result["modes"].items()}
     ref = values.get(REFERENCE, next(iter(values.values())))
+    tolerance = 1e-4 if dtype == "fp32" else 2e-2  # open_clip's, dense's and local's logits are bf16/fp16 there
     for mode, value in values.items():
-        if abs(value - ref) > 1e-4 * abs(ref):
+        if abs(value - ref) > tolerance * abs(ref):
             print(f"warning: {mode} gives global loss {value}, the reference {ref}", flush=True)
 
 
@@ -261,7 +315,7 @@ def _worker(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
     from accelerate import Accelerator
 
-    from clipalign.loss import ContrastiveLoss
+    from clipalign.loss import ContrastiveLoss, auto_tile_size
 
     accelerator = Accelerator(cpu=args.device == "cpu")
     try:
@@ -269,19 +323,22 @@ def _worker(args: argparse.Namespace) -> None:
         if device.type == "cpu":
             torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // world))
         local = args.size // world
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         g = torch.Generator().manual_seed(rank)
-        image = F.normalize(torch.randn(local, args.dim, generator=g), dim=-1).to(device).requires_grad_()
-        text = F.normalize(torch.randn(local, args.dim, generator=g), dim=-1).to(device).requires_grad_()
+        image = F.normalize(torch.randn(local, args.dim, generator=g), dim=-1).to(device, dtype).requires_grad_()
+        text = F.normalize(torch.randn(local, args.dim, generator=g), dim=-1).to(device, dtype).requires_grad_()
         scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
 
-        losses = {}
+        losses, tiles = {}, {}
         for mode in args.run_modes:
             if mode == REFERENCE:
                 losses[mode] = open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
                                                        world_size=world)
             else:
                 name, tile_size = _split(mode)
-                losses[mode] = ContrastiveLoss(name, tile_size=tile_size or 4096)
+                losses[mode] = ContrastiveLoss(name, tile_size=tile_size, tiled_kernel=_kernel(mode))
+                if name == "tiled" and mode != "tiled-triton":
+                    tiles[mode] = tile_size or auto_tile_size(local, args.size)
 
         def step(mode: str) -> float:
             image.grad = text.grad = scale.grad = None
@@ -315,7 +372,9 @@ def _worker(args: argparse.Namespace) -> None:
             global_loss = stats[0, 1].item() if mode == "dense" else stats[:, 1].mean().item()
             step_times = stats[:, 2:].amax(dim=0).tolist()
             modes[mode] = {"peak_bytes": int(stats[:, 0].max().item()), "global_loss": global_loss,
-                           "times_s": step_times, "median_s": statistics.median(step_times)}
+                           "times_s": step_times, "median_s": statistics.median(step_times), "dtype": args.dtype,
+                           "dim": args.dim, "kernel": _kernel(mode) if mode != REFERENCE else "",
+                           "tile_size": tiles.get(mode, 0)}
         if accelerator.is_main_process:
             Path(args.out).write_text(json.dumps({"device": device.type, "world": world, "modes": modes}))
     finally:

@@ -1,0 +1,325 @@
+"""Fused Triton kernels for the tiled InfoNCE loss: log-sum-exp of s * rows @ cols.T without the logit matrix.
+
+The logits of a (BLOCK_M, BLOCK_N) block are computed in registers by `tl.dot` (bf16, fp16 or fp32 inputs, fp32
+accumulation) and never written to memory, as in flash attention:
+
+- `lse_forward`: per row block, an online log-sum-exp over the column blocks. With `symmetric` (one process: the
+  text->image logits are the transpose of the image->text ones) the same pass also leaves, per row block, each
+  column's partial maximum and sum of exp, reduced afterwards to the columns' log-sum-exp: both directions of the
+  CLIP loss from one pass over the logits.
+- `lse_backward`: recomputes each block and its gradient g_ij = g_i p_ij (+ h_j q_ij, the transposed direction's,
+  when symmetric) and returns sum_j g_ij cols_j per row (one kernel, looping over column blocks) and
+  sum_i g_ij rows_i per column (a second kernel, looping over row blocks), unscaled, in fp32.
+
+Triton is optional: this module imports without it (`available()` is then False) and `clipalign.loss` falls back to
+its pure-torch path. On CPU tensors the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1`, set before
+triton is imported); there the matrix products take fp32 operands, as the interpreter multiplies bf16 operands as
+their raw 16-bit integers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # optional: not every platform has triton
+    import triton
+    import triton.language as tl
+except Exception:  # ImportError, or a triton that cannot load on this machine
+    triton = None
+    tl = None
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels work in log2 units, exp(x) = exp2(x * log2(e)) (exp2 is the cheaper instruction), with log2(e) and
+# ln(2) written out as literals: a Python global is not a constant inside a Triton kernel.
+_LN2 = 0.6931471805599453
+
+
+def available() -> bool:
+    """Whether triton imported, so that the kernels exist."""
+    return triton is not None
+
+
+def supports(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernels can run on `x` with products in `dtype`: CUDA, or CPU under Triton's interpreter."""
+    return available() and dtype in KERNEL_DTYPES and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
+
+
+def fits(num_rows: int, num_cols: int, dim: int) -> bool:
+    """Whether the features' element offsets fit the kernels' 32-bit arithmetic (B * D < 2**31)."""
+    return max(num_rows, num_cols) * max(dim, 1) < 2**31
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """acc + a @ b; UPCAST (interpreter) multiplies fp32 copies, exact for bf16/fp16 values."""
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _load_slice(ptr, idx, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows `idx` (always in range) of a contiguous (., D) matrix, columns offs_d (zero past D); (len, BLOCK_D)."""
+        if D % BLOCK_D == 0:  # no mask at all: masks cost registers and block vectorised loads
+            return tl.load(ptr + idx[:, None] * D + offs_d[None, :])
+        return tl.load(ptr + idx[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+
+    @triton.jit
+    def _block_dots(rows_ptr, cols_ptr, idx_m, idx_n, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_D: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
+        """rows[idx_m] @ cols[idx_n].T in fp32, over D in BLOCK_D slices (D up to thousands); (BLOCK_M, BLOCK_N).
+
+        UNROLL_D unrolls the slices, which leaves the loop over blocks innermost (pipelined, and loop-invariant row
+        loads hoisted) at the price of registers; autotuning tries both.
+        """
+        dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if UNROLL_D:
+            for d0 in tl.static_range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                a = _load_slice(rows_ptr, idx_m, offs_d, D, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+                b = _load_slice(cols_ptr, idx_n, offs_d, D, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+                dots = _mma(a, tl.trans(b), dots, UPCAST, PRECISION)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                a = _load_slice(rows_ptr, idx_m, offs_d, D, BLOCK_D)
+                b = _load_slice(cols_ptr, idx_n, offs_d, D, BLOCK_D)
+                dots = _mma(a, tl.trans(b), dots, UPCAST, PRECISION)
+        return dots
+
+    @triton.jit
+    def _block_grad(rows_ptr, cols_ptr, scale_ptr, lse_r_ptr, g_r_ptr, lse_c_ptr, g_c_ptr, offs_m, offs_n, M, N,
+                    D: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, UNROLL_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """d loss / d logit of one block, recomputed: g_i p_ij (+ h_j q_ij), zero outside the matrix; fp32."""
+        idx_m, idx_n = offs_m % M, offs_n % N  # past the edge, read valid rows again: no masked loads
+        scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634  # logits in log2 units
+        z2 = _block_dots(rows_ptr, cols_ptr, idx_m, idx_n, D, BLOCK_M, BLOCK_N, BLOCK_D, UNROLL_D, UPCAST,
+                         PRECISION) * scale2  # (BLOCK_M, BLOCK_N)
+        lse_r = tl.load(lse_r_ptr + idx_m) * 1.4426950408889634
+        grad = tl.exp2(z2 - lse_r[:, None]) * tl.load(g_r_ptr + idx_m)[:, None]
+        if SYMMETRIC:
+            lse_c = tl.load(lse_c_ptr + idx_n) * 1.4426950408889634
+            grad += tl.exp2(z2 - lse_c[None, :]) * tl.load(g_c_ptr + idx_n)[None, :]
+        return tl.where((offs_m < M)[:, None] & (offs_n < N)[None, :], grad, 0.0)
+
+    @triton.jit
+    def _lse_fwd_kernel(rows_ptr, cols_ptr, scale_ptr, lse_ptr, col_max_ptr, col_sum_ptr, M, N, D: tl.constexpr,
+                        SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_D: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < M
+        idx_m = offs_m % M
+        scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+        running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # in log2 units
+        running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < N
+            z2 = _block_dots(rows_ptr, cols_ptr, idx_m, offs_n % N, D, BLOCK_M, BLOCK_N, BLOCK_D, UNROLL_D, UPCAST,
+                             PRECISION) * scale2  # (BLOCK_M, BLOCK_N)
+            z_rows = tl.where(col_ok[None, :], z2, float("-inf"))  # every block has a valid column: max is finite
+            new_max = tl.maximum(running_max, tl.max(z_rows, axis=1))
+            running_sum = running_sum * tl.exp2(running_max - new_max) + tl.sum(tl.exp2(z_rows - new_max[:, None]),
+                                                                                axis=1)
+            running_max = new_max
+            if SYMMETRIC:  # the transposed direction: this row block's share of every column's sum
+                z_cols = tl.where(row_ok[:, None], z2, float("-inf"))  # every block has a valid row
+                col_max = tl.max(z_cols, axis=0)  # (BLOCK_N,)
+                col_sum = tl.sum(tl.exp2(z_cols - col_max[None, :]), axis=0)
+                partial = pid.to(tl.int64) * N  # (row blocks, N) can pass 2**31 elements
+                tl.store(col_max_ptr + partial + offs_n, col_max, mask=col_ok)
+                tl.store(col_sum_ptr + partial + offs_n, col_sum, mask=col_ok)
+        lse = (running_max + tl.log2(running_sum)) * 0.6931471805599453
+        tl.store(lse_ptr + offs_m, lse, mask=row_ok)
+
+    @triton.jit
+    def _grad_rows_kernel(rows_ptr, cols_ptr, scale_ptr, lse_r_ptr, g_r_ptr, lse_c_ptr, g_c_ptr, out_ptr, M, N,
+                          D: tl.constexpr, SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DO: tl.constexpr, UNROLL_D: tl.constexpr):
+        """out[i, d-slice] = sum_j grad_ij cols[j, d-slice] for one row block and one BLOCK_DO slice of D."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            grad = _block_grad(rows_ptr, cols_ptr, scale_ptr, lse_r_ptr, g_r_ptr, lse_c_ptr, g_c_ptr, offs_m, offs_n,
+                               M, N, D, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_D, UNROLL_D, UPCAST,
+                               PRECISION)  # (BLOCK_M, BLOCK_N)
+            v = _load_slice(cols_ptr, offs_n % N, offs_o, D, BLOCK_DO)  # (BLOCK_N, BLOCK_DO)
+            acc = _mma(grad.to(v.dtype), v, acc, UPCAST, PRECISION)  # rounded to the inputs' dtype like torch's
+        tl.store(out_ptr + offs_m[:, None] * D + offs_o[None, :], acc, mask=(offs_m < M)[:, None] & (offs_o < D))
+
+    @triton.jit
+    def _grad_cols_kernel(rows_ptr, cols_ptr, scale_ptr, lse_r_ptr, g_r_ptr, lse_c_ptr, g_c_ptr, out_ptr, M, N,
+                          D: tl.constexpr, SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DO: tl.constexpr, UNROLL_D: tl.constexpr):
+        """out[j, d-slice] = sum_i grad_ij rows[i, d-slice] for one column block and one BLOCK_DO slice of D."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            grad = _block_grad(rows_ptr, cols_ptr, scale_ptr, lse_r_ptr, g_r_ptr, lse_c_ptr, g_c_ptr, offs_m, offs_n,
+                               M, N, D, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_D, UNROLL_D, UPCAST,
+                               PRECISION)  # (BLOCK_M, BLOCK_N)
+            u = _load_slice(rows_ptr, offs_m % M, offs_o, D, BLOCK_DO)  # (BLOCK_M, BLOCK_DO)
+            acc = _mma(tl.trans(grad.to(u.dtype)), u, acc, UPCAST, PRECISION)
+        tl.store(out_ptr + offs_n[:, None] * D + offs_o[None, :], acc, mask=(offs_n < N)[:, None] & (offs_o < D))
+
+
+# Block sizes. The interpreter runs one small fixed configuration (tiny blocks exercise the masking); CUDA autotunes
+# the candidates below per (M, N, D, dtype) on first use. Not yet timed on a GPU. Compiled offline for sm_90 with
+# bf16 at D = 512, the first of each list keeps all its registers (no spills); the ones whose BLOCK_DO covers all of D
+# (one recompute of the logits per block instead of D / BLOCK_DO) spill some, so which wins is for the timing to say.
+_INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "BLOCK_DO": 16, "UNROLL_D": False}
+_FWD_CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_D, UNROLL_D, warps, stages
+    (128, 64, 64, True, 8, 3), (128, 128, 64, True, 8, 3), (64, 64, 64, True, 4, 4), (128, 64, 128, True, 8, 2),
+    (128, 64, 64, False, 8, 3),
+]
+_BWD_CONFIGS = [  # own block, looped block, BLOCK_D, BLOCK_DO, UNROLL_D, warps, stages
+    (64, 64, 64, 256, True, 8, 2), (64, 64, 32, 128, True, 4, 3), (64, 64, 32, 256, True, 8, 3),
+    (128, 64, 64, 128, True, 8, 2), (64, 64, 32, 256, False, 8, 3), (64, 64, 64, 512, True, 8, 1),
+    (64, 64, 64, 512, True, 16, 2),
+]
+_tuned: dict[str, object] = {}
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configurations whose D slices exceed D (masked work only); keep the smallest if none is left."""
+    width = triton.next_power_of_2(max(int(named_args["D"]), 16))
+    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 128)]
+    return kept or configs[:1]
+
+
+def _cuda_kernel(name: str):
+    """The autotuned launcher of one kernel, built on first use (autotuning needs a GPU)."""
+    if name not in _tuned:
+        key = ["M", "N", "D", "SYMMETRIC", "PRECISION"]
+        if name == "fwd":
+            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d, "UNROLL_D": u}, num_warps=w,
+                                     num_stages=s) for m, n, d, u, w, s in _FWD_CONFIGS]
+            fn = _lse_fwd_kernel
+        else:
+            own, loop = ("BLOCK_M", "BLOCK_N") if name == "rows" else ("BLOCK_N", "BLOCK_M")
+            configs = [triton.Config({own: a, loop: b, "BLOCK_D": d, "BLOCK_DO": o, "UNROLL_D": u}, num_warps=w,
+                                     num_stages=s) for a, b, d, o, u, w, s in _BWD_CONFIGS]
+            fn = _grad_rows_kernel if name == "rows" else _grad_cols_kernel
+        _tuned[name] = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(fn)
+    return _tuned[name]
+
+
+def _precision(x: torch.Tensor) -> str:
+    """fp32 products as torch's CUDA matmuls do them: TF32 only where torch allows it (it is the default for, and
+    has no effect on, bf16 and fp16 operands)."""
+    if x.dtype == torch.float32 and x.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _launch(name: str, grid_of, args: tuple, x: torch.Tensor, **constexprs) -> None:
+    """Run kernel `name` on `grid_of(meta)`, autotuned on CUDA, with the fixed small blocks in the interpreter."""
+    upcast = not x.is_cuda  # only the interpreter runs CPU tensors
+    flags = {**constexprs, "UPCAST": upcast, "PRECISION": _precision(x)}
+    if upcast:
+        kernel = {"fwd": _lse_fwd_kernel, "rows": _grad_rows_kernel, "cols": _grad_cols_kernel}[name]
+        meta = dict(_INTERPRETER_BLOCKS)
+        if name == "fwd":
+            del meta["BLOCK_DO"]
+        kernel[grid_of(meta)](*args, **flags, **meta)
+    else:
+        with torch.cuda.device(x.device):
+            _cuda_kernel(name)[grid_of](*args, **flags)
+
+
+def _check_sizes(num_rows: int, num_cols: int, dim: int) -> None:
+    if not fits(num_rows, num_cols, dim):
+        raise ValueError(f"fused InfoNCE kernels: {max(num_rows, num_cols)} x {dim} features pass their 32-bit "
+                         "offsets; use tiled_kernel torch")
+
+
+def lse_forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor,
+                symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-sum-exp of s * rows @ cols.T over its rows (B_rows,) and, if `symmetric`, over its columns (B_cols,); fp32.
+
+    Args:
+        rows, cols: (B_rows, D) and (B_cols, D), in the dtype the products run in (fp32, bf16 or fp16).
+        scale: the logit scale s, a one-element tensor on the same device (read by the kernel: no host sync).
+        symmetric: also return the columns' log-sum-exp, from the same pass.
+    """
+    rows, cols = rows.contiguous(), cols.contiguous()
+    (num_rows, dim), num_cols = rows.shape, cols.shape[0]
+    _check_sizes(num_rows, num_cols, dim)
+    scale = scale.reshape(1).contiguous()
+    lse_rows = torch.empty(num_rows, dtype=torch.float32, device=rows.device)  # (B_rows,)
+    smallest = _INTERPRETER_BLOCKS["BLOCK_M"] if not rows.is_cuda else min(c[0] for c in _FWD_CONFIGS)
+    row_blocks_max = math.ceil(num_rows / smallest)  # room for the partials of any configuration's row blocks
+    shape = (row_blocks_max, num_cols) if symmetric else (1,)
+    col_max = torch.empty(shape, dtype=torch.float32, device=rows.device)  # (row blocks, B_cols), log2 units
+    col_sum = torch.empty(shape, dtype=torch.float32, device=rows.device)
+    used = {}
+
+    def grid(meta):
+        used["BLOCK_M"] = meta["BLOCK_M"]
+        return (triton.cdiv(num_rows, meta["BLOCK_M"]),)
+
+    _launch("fwd", grid, (rows, cols, scale, lse_rows, col_max, col_sum, num_rows, num_cols, dim), rows,
+            SYMMETRIC=symmetric)
+    if not symmetric:
+        return lse_rows, None
+    blocks = triton.cdiv(num_rows, used["BLOCK_M"])  # the row blocks the chosen configuration wrote
+    col_max, col_sum = col_max[:blocks], col_sum[:blocks]  # (row blocks, B_cols)
+    top = col_max.amax(dim=0)  # (B_cols,)
+    lse_cols = (top + torch.log2((col_sum * torch.exp2(col_max - top)).sum(dim=0))) * _LN2
+    return lse_rows, lse_cols
+
+
+def lse_backward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    lse_rows: torch.Tensor,
+    grad_rows: torch.Tensor,
+    lse_cols: torch.Tensor | None = None,
+    grad_cols: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_j G_ij cols_j per row and sum_i G_ij rows_i per column, (B_rows, D) and (B_cols, D) in fp32.
+
+    G_ij = grad_rows_i * exp(z_ij - lse_rows_i) (+ grad_cols_j * exp(z_ij - lse_cols_j) when `lse_cols` is given) is
+    the gradient of sum_i grad_rows_i lse_rows_i (+ sum_j grad_cols_j lse_cols_j) with respect to the logits
+    z = s * rows @ cols.T. The features' gradients are s times the two results; the scale's is rows . (first result).
+    """
+    rows, cols = rows.contiguous(), cols.contiguous()
+    (num_rows, dim), num_cols = rows.shape, cols.shape[0]
+    _check_sizes(num_rows, num_cols, dim)
+    symmetric = lse_cols is not None
+    scale = scale.reshape(1).contiguous()
+    f32 = dict(dtype=torch.float32, device=rows.device)
+    lse_rows, grad_rows = lse_rows.to(**f32).contiguous(), grad_rows.to(**f32).contiguous()
+    if symmetric:
+        lse_cols, grad_cols = lse_cols.to(**f32).contiguous(), grad_cols.to(**f32).contiguous()
+    else:
+        lse_cols = grad_cols = lse_rows  # never read
+    out_rows = torch.empty(num_rows, dim, **f32)  # (B_rows, D)
+    out_cols = torch.empty(num_cols, dim, **f32)  # (B_cols, D)
+    args = (rows, cols, scale, lse_rows, grad_rows, lse_cols, grad_cols)
+    _launch("rows", lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_DO"])),
+            (*args, out_rows, num_rows, num_cols, dim), rows, SYMMETRIC=symmetric)
+    _launch("cols", lambda meta: (triton.cdiv(num_cols, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_DO"])),
+            (*args, out_cols, num_rows, num_cols, dim), rows, SYMMETRIC=symmetric)
+    return out_rows, out_cols
