@@ -32,6 +32,7 @@ class DataConfig:
     num_samples: int = 0  # samples in one pass over data.train, to log epochs; 0 = unknown
     log_keys: bool = False  # write the sample keys of every step to RUN/keys/rank<R>.jsonl (an audit of data order)
     train_crop_scale: float = 0.9  # RandomResizedCrop lower scale bound (open_clip's default); 1.0 = resize + crop
+    decode: str = "auto"  # where JPEGs are decoded: workers (PIL) | device (training device) | auto (device on CUDA)
     synthetic: bool = False  # draw a synthetic captioned data set into the cache when `train` is empty
     synthetic_samples: int = 12000  # training samples of the synthetic set
     cache_dir: str = ""  # where generated data lives; default $CLIPALIGN_CACHE or ~/.cache/clipalign
@@ -136,6 +137,8 @@ class Config:
         os.replace(tmp, path)
 
 
+# data.decode: where training JPEGs are decoded (clipalign.data.device_decode)
+DECODE_CHOICES = ("auto", "workers", "device")
 # train.attention: "auto", PyTorch's own choice, or one scaled_dot_product_attention backend (clipalign.model)
 ATTENTION_CHOICES = ("auto", "torch", "math", "flash", "efficient", "cudnn")
 
@@ -147,6 +150,7 @@ _CHOICES = {
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "attention"): ATTENTION_CHOICES,
     ("eval", "precision"): ("fp32", "bf16", "fp16"),
+    ("data", "decode"): DECODE_CHOICES,
 }
 
 

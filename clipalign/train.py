@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from clipalign.accumulate import forward_backward
 from clipalign.checkpoint import latest_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
 from clipalign.config import Config, ConfigError, load_config
+from clipalign.data.device_decode import device_images, resolve_decode
 from clipalign.data.shards import expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
 from clipalign.loss import build_loss
@@ -214,7 +215,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     loader = make_train_loader(sources, tokenizer, raw_model.image_size, cfg.data.batch_size, cfg.data.workers,
                                resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
                                crop_scale=cfg.data.train_crop_scale, pin_memory=accelerator.device.type == "cuda",
-                               **stream_args)
+                               decode=resolve_decode(cfg.data.decode, accelerator.device), **stream_args)
     batches = iter(loader)
     positions: dict[int, tuple[int, int]] = {}  # stream -> (epoch, emitted) of the last batch consumed
 
@@ -242,11 +243,11 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         for _ in range(cfg.train.accum_steps):
             batch = next(batches)
             texts = trim_padding(batch["texts"]) if trim_text else batch["texts"]
-            micro_batches.append((batch["images"].to(accelerator.device, non_blocking=True,
-                                                     memory_format=memory_format),
-                                  texts.to(accelerator.device, non_blocking=True)))
+            # data.decode=device: JPEG rows are decoded here; rows nothing decodes are counted like the workers' skips
+            images, decode_skipped = device_images(batch, accelerator.device, memory_format)
+            micro_batches.append((images, texts.to(accelerator.device, non_blocking=True)))
             for i, reason in enumerate(SKIP_REASONS):
-                window_skipped[i] += batch["skipped"].get(reason, 0)
+                window_skipped[i] += batch["skipped"].get(reason, 0) + decode_skipped.get(reason, 0)
             stream, epoch, emitted = batch["position"]
             positions[stream] = (epoch, emitted)
             step_keys.extend(batch["keys"])

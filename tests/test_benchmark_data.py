@@ -79,3 +79,23 @@ def test_stored_geometry(tool):
     assert geometry(512, 3 / 4, "short") == (512, 683)
     assert geometry(512, 4 / 3, "long") == (512, 384)
     assert geometry(512, 3 / 4, "long") == (384, 512)
+
+
+def test_decode_bench_on_cpu(run, tool):
+    """--decode-bench: the workers' PIL path against batched decode on the device (here the CPU), same JPEGs."""
+    tmp, _, _ = run
+    argv = ["--decode-bench", "--device", "cpu", "--sizes", "256", "512", "--images", "8", "--repeats", "1",
+            "--decode-batch-size", "3", "--cache", str(tmp / "cache"), "--json", str(tmp / "decode.json")]
+    results = tool["main"](argv)
+    on_disk = json.loads((tmp / "decode.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk["config"]["mode"] == "decode" and on_disk["config"]["device"] == "cpu"
+    for r in on_disk["sizes"]:
+        assert r["images"] == 8 and r["device_rows"] == 8  # every synthetic JPEG went to the device decoder
+        for name in ("workers", "device", "prepare"):
+            assert len(r["throughput"][name]["runs"]) == 1 and r["throughput"][name]["median"] > 0
+        assert r["ratio"] > 0
+        assert r["quality"]["psnr_min_db"] > 40  # the same crops; drafted (512) or not (256)
+    assert [r["draft_scales"] for r in on_disk["sizes"]] == [{"1/1": 8}, {"1/2": 8}]
+    rows = [line for line in tool["format_decode_table"](results).splitlines() if line.startswith("| short side")]
+    assert len(rows) == 2 and all(row.count("|") == 8 for row in rows)

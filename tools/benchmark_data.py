@@ -24,6 +24,21 @@ open_clip's BPE tokenizer; ours also seeds every sample (its per-sample RNG), as
 Quality: PSNR and mean absolute difference (0-255 units) between our uint8 output and the reference output
 de-normalised back to uint8, per image, averaged over images; identical pairs (no draft) are counted, not averaged.
 
+`--decode-bench` measures instead where a training JPEG is decoded (`data.decode`), with the training transform
+(RandomResizedCrop to 224 px, scale 0.9..1, each image seeded by its index as training seeds samples):
+
+    workers     the DataLoader workers' path: `decode_image` (PIL, draft) + `train_transform`, one image at a time
+    device      `device_images` on `--device` (cpu | cuda) over batches of `--decode-batch-size` packed as the
+                workers pack them: batched `torchvision.io.decode_jpeg`, then crop + bicubic antialiased resize to
+                uint8; on CUDA the clock stops after a synchronize
+    prepare     what the workers still do per image in device mode (header, draft size, crop box, packing)
+
+    python tools/benchmark_data.py --decode-bench --device cuda --sizes 512 --images 2048 --json out.json
+
+Images/s are medians over repeats, workers and device alternating; the ratio is the median of per-repeat ratios
+device / workers, both on one CPU thread (the CUDA decode is driven from that one thread). Quality: PSNR of the
+device output against the workers' output for the same images and crops.
+
 A stored size is the shorter side (img2dataset's `keep_ratio`) unless `--side long`; aspect ratios cycle through
 1:1, 4:3, 3:2, 3:4, 16:9 and 2:3. The images are drawn, not downloaded: flat-coloured shapes under 1/f luminance
 shading, a little chroma noise, patches of fine texture and sensor noise, saved at JPEG quality 90 with 4:2:0 chroma.
@@ -58,8 +73,9 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter, features
 from torch.utils.data import DataLoader
 
+from clipalign.data.device_decode import device_images, pack_batch, prepare_image
 from clipalign.data.shards import make_train_loader
-from clipalign.data.transforms import decode_image, eval_transform
+from clipalign.data.transforms import decode_image, eval_transform, train_transform
 from clipalign.data.writer import image_to_bytes, write_shards
 from clipalign.tokenizer import build_tokenizer
 
@@ -340,6 +356,113 @@ def benchmark_size(size: int, args: argparse.Namespace, cache: Path, tokenizer) 
     return result
 
 
+# ---------------------------------------------------------------- where JPEGs are decoded (data.decode)
+
+def _seeded(seed: int) -> None:
+    # the CPU generator only: torch.manual_seed would also queue a CUDA seeding call per image
+    torch.default_generator.manual_seed(seed)
+
+
+def _prepare_batches(jpegs: list[bytes], batch_size: int, crop_scale: float, pin: bool) -> list[dict]:
+    """The workers' share of the device path: header, crop box and packing, per batch of `batch_size` images."""
+    transform = train_transform(IMAGE_SIZE, crop_scale)
+    batches = []
+    for start in range(0, len(jpegs), batch_size):
+        items = []
+        for i in range(start, min(start + batch_size, len(jpegs))):
+            _seeded(i)
+            items.append(prepare_image(jpegs[i], IMAGE_SIZE, crop_scale, transform))
+        batch = pack_batch(items, IMAGE_SIZE)
+        batches.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)  # as a CUDA loader pins
+    return batches
+
+
+def _workers_path(jpegs: list[bytes], crop_scale: float) -> list[torch.Tensor]:
+    transform = train_transform(IMAGE_SIZE, crop_scale)
+    out = []
+    for i, data in enumerate(jpegs):
+        _seeded(i)
+        out.append(transform(decode_image(data, IMAGE_SIZE)))
+    return out
+
+
+def _device_path(batches: list[dict], device: torch.device) -> list[torch.Tensor]:
+    out = [device_images(batch, device)[0] for batch in batches]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # decode and resize run asynchronously: the clock stops when they are done
+    return out
+
+
+def _timed(fn: Callable[[], object], images: int) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return images / (time.perf_counter() - start), result
+
+
+def measure_decode(jpegs: list[bytes], device: torch.device, batch_size: int, repeats: int,
+                   crop_scale: float = 0.9) -> dict:
+    """Images/s of the workers (PIL) path and the device path over the same JPEGs and crops, and their PSNR."""
+    pin = device.type == "cuda"
+    batches = _prepare_batches(jpegs, batch_size, crop_scale, pin)
+    _device_path(batches[:1], device)  # warm-up: CUDA context, decoder handles, kernels
+    _workers_path(jpegs[:4], crop_scale)
+    runs = {"workers": [], "device": [], "prepare": []}
+    for r in range(repeats):
+        order = ["workers", "device"] if r % 2 == 0 else ["device", "workers"]
+        for name in order:
+            gc.collect()
+            if name == "workers":
+                runs[name].append(_timed(lambda: _workers_path(jpegs, crop_scale), len(jpegs))[0])
+            else:
+                runs[name].append(_timed(lambda: _device_path(batches, device), len(jpegs))[0])
+        runs["prepare"].append(_timed(lambda: _prepare_batches(jpegs, batch_size, crop_scale, pin), len(jpegs))[0])
+    cpu = _workers_path(jpegs, crop_scale)
+    dev = torch.cat(_device_path(batches, device)).cpu()
+    psnrs, mads, identical = [], [], 0
+    for a, b in zip(cpu, dev):
+        a, b = a.double(), b.double()
+        mse = float(((a - b) ** 2).mean())
+        mads.append(float((a - b).abs().mean()))
+        if mse == 0:
+            identical += 1
+        else:
+            psnrs.append(10 * math.log10(255 ** 2 / mse))
+    return {
+        "throughput": {name: {"median": statistics.median(v), "runs": v} for name, v in runs.items()},
+        "ratio": statistics.median(d / w for d, w in zip(runs["device"], runs["workers"])),
+        "quality": {"psnr_db": statistics.mean(psnrs) if psnrs else None, "psnr_min_db": min(psnrs) if psnrs else None,
+                    "identical_images": identical, "mean_abs_diff": statistics.mean(mads)},
+        "device_rows": int(sum(int(b["decode_mask"].sum()) for b in batches)),
+    }
+
+
+def decode_benchmark_size(size: int, args: argparse.Namespace, cache: Path) -> dict:
+    """The decode measurements for one stored size."""
+    jpegs = read_jpegs(ensure_shards(cache, size, args.images, args.side))
+    return {"size": size, "side": args.side, "images": len(jpegs), "draft_scales": draft_scales(jpegs),
+            **measure_decode(jpegs, torch.device(args.device), args.decode_batch_size, args.repeats, args.crop_scale)}
+
+
+def format_decode_table(results: dict) -> str:
+    """A markdown table of a `--decode-bench` run."""
+    cfg = results["config"]
+    lines = [
+        f"Decode + random resized crop + resize to {IMAGE_SIZE} px (uint8), torch threads = 1: {cfg['images']} images "
+        f"x {cfg['repeats']} repeats, median images/s; device = {cfg['device']} "
+        f"({results['environment'].get('device_name', 'cpu')}), batches of {cfg['decode_batch_size']}",
+        "",
+        "| stored | draft (workers) | workers (PIL) | device | ratio | workers' share in device mode | PSNR dB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["sizes"]:
+        t = r["throughput"]
+        scales = ", ".join(f"{k} x{v}" if len(r["draft_scales"]) > 1 else k for k, v in r["draft_scales"].items())
+        lines.append(f"| {r['side']} side {r['size']} | {scales} | {t['workers']['median']:.0f} "
+                     f"| {t['device']['median']:.0f} | {r['ratio']:.2f}x | {t['prepare']['median']:.0f} "
+                     f"| {_psnr_text(r['quality'])} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- report
 
 def _psnr_text(q: dict) -> str:
@@ -413,7 +536,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=None,
                         help="directory for the synthetic shards, reused across runs (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    parser.add_argument("--decode-bench", action="store_true",
+                        help="measure data.decode instead: PIL in the workers against batched decode on --device")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--decode-bench: where to decode")
+    parser.add_argument("--decode-batch-size", type=int, default=256, help="--decode-bench: images per batch")
+    parser.add_argument("--crop-scale", type=float, default=0.9,
+                        help="--decode-bench: RandomResizedCrop's lower scale bound (data.train_crop_scale)")
     args = parser.parse_args(argv)
+    if args.decode_bench and args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.decode_batch_size < 1:
+        parser.error("--decode-batch-size must be >= 1")
     if args.images < 1 or args.repeats < 1 or args.batch_size < 1:
         parser.error("--images, --repeats and --batch-size must be >= 1")
     if any(s < IMAGE_SIZE for s in args.sizes):
@@ -425,6 +558,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print its tables, optionally write JSON; returns the results."""
     args = parse_args(argv)
     torch.set_num_threads(1)
+    if args.decode_bench:
+        return _decode_main(args, argv)
     tokenizer = None if args.no_loader else build_tokenizer(TOKENIZER)
     results = {"config": {"sizes": args.sizes, "side": args.side, "images": args.images, "repeats": args.repeats,
                           "batch_size": args.batch_size, "image_size": IMAGE_SIZE, "jpeg_quality": JPEG_QUALITY,
@@ -439,6 +574,30 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"stored {size} px done", file=sys.stderr, flush=True)
     results["environment"]["loadavg_end"] = list(os.getloadavg())
     print(format_table(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _decode_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    environment = _environment()
+    if args.device == "cuda":
+        environment["device_name"] = torch.cuda.get_device_name()
+    results = {"config": {"mode": "decode", "sizes": args.sizes, "side": args.side, "images": args.images,
+                          "repeats": args.repeats, "device": args.device, "decode_batch_size": args.decode_batch_size,
+                          "crop_scale": args.crop_scale, "image_size": IMAGE_SIZE, "jpeg_quality": JPEG_QUALITY,
+                          "command": " ".join(["python", "tools/benchmark_data.py", *(sys.argv[1:] if argv is None
+                                                                                      else argv)])},
+               "environment": environment, "sizes": []}
+    with tempfile.TemporaryDirectory(prefix="clipalign-bench-") as tmp:
+        cache = args.cache if args.cache is not None else Path(tmp)
+        cache.mkdir(parents=True, exist_ok=True)
+        for size in args.sizes:
+            results["sizes"].append(decode_benchmark_size(size, args, cache))
+            print(f"stored {size} px done", file=sys.stderr, flush=True)
+    results["environment"]["loadavg_end"] = list(os.getloadavg())
+    print(format_decode_table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -3,7 +3,8 @@
 A shard holds samples `KEY.jpg|jpeg|png|webp` + `KEY.txt` (caption) and/or `KEY.json` (`{"caption": ...}` or
 `{"captions": [...]}`). Each DataLoader worker reads its own shards, decodes and tokenizes, and yields whole
 batches; every batch carries the counts of samples that worker skipped since its previous batch, by reason, so the
-trainer can sum them exactly.
+trainer can sum them exactly. With `decode="device"` the workers leave JPEG decoding to the training process (see
+`clipalign.data.device_decode`); pass every batch through `device_images` there.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from clipalign.data.device_decode import DeviceJpeg, pack_batch, prepare_image
 from clipalign.data.transforms import decode_image, train_transform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -113,12 +115,18 @@ def _image_bytes(sample: dict[str, Any]) -> bytes | None:
 
 
 def decode_samples(samples, transform: Callable, image_size: int, counter: SkipCounter,
-                   sample_seed: Callable[[str], int]) -> Iterator[tuple[str, torch.Tensor, str]]:
+                   sample_seed: Callable[[str], int],
+                   image_fn: Callable[[bytes], Any] | None = None) -> Iterator[tuple[str, Any, str]]:
     """Raw tar samples -> (key, uint8 image, caption); a sample that cannot be used is skipped and counted.
 
     `sample_seed(key)` seeds the sample's random choices (which caption of several, the random crop), so they depend
-    on the sample and the pass, not on which worker met it when: a resumed run draws the same ones.
+    on the sample and the pass, not on which worker met it when: a resumed run draws the same ones. `image_fn(data)`,
+    if given, replaces `transform(decode_image(data, image_size))` and runs under the same seeded RNG.
     """
+    if image_fn is None:
+        def image_fn(data: bytes) -> torch.Tensor:
+            return transform(decode_image(data, image_size))
+
     for sample in samples:
         data = _image_bytes(sample)
         if data is None:
@@ -135,7 +143,7 @@ def decode_samples(samples, transform: Callable, image_size: int, counter: SkipC
             continue
         try:
             with _seeded_cpu_rng(seed):
-                image = transform(decode_image(data, image_size))
+                image = image_fn(data)
         except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
             counter.skip("bad_image")
             continue
@@ -197,11 +205,13 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples kept in each worker's shuffle buffer.
         crop_scale: lower scale bound of the random resized crop.
         start: exact passes only: {stream: (epoch, emitted)} to resume from.
+        decode: `workers` (PIL in the workers) or `device`: JPEGs travel as bytes with their crop boxes, for
+            `device_images` in the training process (other images are still decoded in the workers).
     """
 
     def __init__(self, sources: list[list[str]], tokenizer: Callable, image_size: int, batch_size: int,
                  seed: int = 0, resampled: bool = True, weights: list[float] | None = None, shuffle_buffer: int = 1000,
-                 crop_scale: float = 0.9, start: dict[int, tuple[int, int]] | None = None):
+                 crop_scale: float = 0.9, start: dict[int, tuple[int, int]] | None = None, decode: str = "workers"):
         super().__init__()
         if sources and isinstance(sources[0], str):
             sources = [list(sources)]  # a flat list of URLs is one source
@@ -222,6 +232,10 @@ class ShardStream(IterableDataset):
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer
         self.start = dict(start or {})
+        if decode not in ("workers", "device"):
+            raise ValueError(f"decode must be workers or device (resolve data.decode=auto first), got {decode!r}")
+        self.decode = decode
+        self.crop_scale = crop_scale
         self.transform = train_transform(image_size, crop_scale)
 
     def _shuffled(self, samples: Iterator[dict], seed: int) -> Iterator[dict]:
@@ -270,20 +284,29 @@ class ShardStream(IterableDataset):
         def sample_seed(key: str) -> int:
             return wds.utils.make_seed(self.seed, cursor.epoch, zlib.crc32(key.encode()))
 
+        image_fn = None
+        if self.decode == "device":
+            def image_fn(data: bytes) -> torch.Tensor | DeviceJpeg:
+                return prepare_image(data, self.image_size, self.crop_scale, self.transform)
+
         keys, images, captions = [], [], []
-        for key, image, caption in decode_samples(samples, self.transform, self.image_size, counter, sample_seed):
+        for key, image, caption in decode_samples(samples, self.transform, self.image_size, counter, sample_seed,
+                                                  image_fn):
             keys.append(key)
             images.append(image)
             captions.append(caption)
             if len(keys) == self.batch_size:
-                yield {"images": torch.stack(images), "texts": self.tokenizer(captions), "keys": keys,
-                       "skipped": counter.take(), "position": (stream, cursor.epoch, cursor.emitted)}
+                pixels = (pack_batch(images, self.image_size) if self.decode == "device"
+                          else {"images": torch.stack(images)})
+                yield {**pixels, "texts": self.tokenizer(captions), "keys": keys, "skipped": counter.take(),
+                       "position": (stream, cursor.epoch, cursor.emitted)}
                 keys, images, captions = [], [], []
 
 
 def make_train_loader(sources: list[list[str]], tokenizer: Callable, image_size: int, batch_size: int, workers: int,
                       pin_memory: bool = False, **stream_args) -> DataLoader:
-    """A DataLoader over `ShardStream` (keyword arguments go to it); the workers batch, so `batch_size=None` here."""
+    """A DataLoader over `ShardStream` (keyword arguments go to it, `decode` among them); the workers batch, so
+    `batch_size=None` here."""
     stream = ShardStream(sources, tokenizer, image_size, batch_size, **stream_args)
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
