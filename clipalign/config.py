@@ -92,7 +92,9 @@ class TrainConfig:
     max_nonfinite: int = 10  # stop after more than this many steps in a row with a non-finite loss (each is skipped)
     peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0 = look up known GPUs (bf16/fp16 dense)
     cpu_threads: int = 0  # torch threads per process on CPU; 0 = the available cores / processes on this machine
-    compile: bool = False  # torch.compile the model's forward (both towers and the feature normalisation)
+    compile: bool = False  # torch.compile the towers (see compile_scope)
+    compile_scope: str = "blocks"  # what train.compile compiles: blocks (each transformer block) | model (the forward)
+    patch_embed: str = "auto"  # image patch embedding: auto (a matmul on CUDA, else the conv) | conv | matmul
     channels_last: bool = False  # image tower weights and inputs in channels-last memory format (conv towers, GPU)
     trim_text: bool = True  # cut each batch's token ids after its longest caption (causal EOT-pooled text towers)
     attention: str = "auto"  # attention kernels: auto | torch | math | flash | efficient | cudnn (see training.md)
@@ -149,6 +151,8 @@ _CHOICES = {
     ("loss", "exchange"): ("ring", "gather"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "attention"): ATTENTION_CHOICES,
+    ("train", "compile_scope"): ("blocks", "model"),
+    ("train", "patch_embed"): ("auto", "conv", "matmul"),
     ("eval", "precision"): ("fp32", "bf16", "fp16"),
     ("data", "decode"): DECODE_CHOICES,
 }

@@ -31,7 +31,7 @@ from clipalign.data.device_decode import device_images, resolve_decode
 from clipalign.data.shards import expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
 from clipalign.loss import build_loss
-from clipalign.model import TOKENIZER_FILE, create_model, trim_padding
+from clipalign.model import TOKENIZER_FILE, compile_blocks, create_model, trim_padding, use_matmul_patch_embed
 from clipalign.tokenizer import SentencePieceTokenizer
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -132,6 +132,65 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class NonfiniteGuard:
+    """Skips the update of every step whose loss is not finite on some process, without the host waiting for it.
+
+    The fused AdamW takes the verdict as a device tensor (`found_inf`, the way GradScaler hands it over) and leaves
+    weights, moments and its step count as they were when it is set, so nothing has to come back to the host before
+    the update is queued. The host reads each verdict later, through a pinned copy, to count the skipped steps and to
+    stop after more than `limit` in a row. A skipped step still counts as a step (as fp16 loss scaling's skipped
+    steps do). An unfused optimizer cannot skip on the device: `arm` then waits for the verdict and says whether to
+    call `step()`.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, world: int, limit: int, run_dir: Path):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
+        self.on_device = all(group.get("fused") for group in self.optimizer.param_groups)
+        self.world, self.limit, self.run_dir = world, limit, run_dir
+        self.total = self.run = 0
+        self.pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []  # (step, verdict, copy done)
+
+    def arm(self, finite_count: torch.Tensor, step: int) -> bool:
+        """Take the number of processes whose loss is finite (a device scalar); returns whether to call `step()`."""
+        finite = finite_count >= self.world  # () bool
+        if not self.on_device:
+            self._record(step, bool(finite))
+            return bool(finite)
+        self.optimizer.found_inf = (~finite).float()
+        if finite.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(finite, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.pending.append((step, host, done))
+        else:
+            self.pending.append((step, finite, None))
+        return True
+
+    def check(self, wait: bool) -> None:
+        """Count the verdicts that have arrived (all of them if `wait`); raises after too many bad steps in a row."""
+        while self.pending:
+            step, verdict, done = self.pending[0]
+            if done is not None and not done.query():
+                if not wait:
+                    return
+                done.synchronize()
+            self.pending.pop(0)
+            self._record(step, bool(verdict))
+
+    def _record(self, step: int, finite: bool) -> None:
+        if finite:
+            self.run = 0
+            return
+        self.total += 1
+        self.run += 1
+        if self.run > self.limit:
+            raise FloatingPointError(
+                f"the loss was not finite for {self.run} steps in a row (after step {step - self.run}); stopping. "
+                f"Last good checkpoint: {latest_checkpoint(self.run_dir) or 'none yet'}. Resume from it with "
+                "train.resume=auto and a lower optim.lr, optim.grad_clip, or train.precision=fp32/bf16")
+
+
 def train(cfg: Config) -> dict:
     """Run the training described by `cfg`; returns the last logged metrics (and zero-shot results, if any)."""
     # ---- processes, precision, run directory -------------------------------------------------------------------
@@ -177,9 +236,11 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     if cfg.train.channels_last:
         model.clip.visual.to(memory_format=torch.channels_last)
+    if cfg.train.patch_embed == "matmul" or (cfg.train.patch_embed == "auto" and accelerator.device.type == "cuda"):
+        use_matmul_patch_embed(model)
     if cfg.train.compile:
-        # in place: the module keeps its parameter names, so checkpoints and exports are unchanged
-        model.compile()
+        # in place: the modules keep their parameter names, so checkpoints and exports are unchanged
+        model.compile() if cfg.train.compile_scope == "model" else compile_blocks(model)
     loss_fn = build_loss(cfg.loss)
     # fused: one kernel over all parameters; torch's default on CPU is a per-tensor loop, 17x slower on the tiny ViT
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -225,11 +286,11 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     metrics_path = run_dir / "metrics.jsonl"
     global_batch = cfg.data.batch_size * world * cfg.train.accum_steps  # samples per optimizer step
     skipped_total: Counter[str] = Counter()
-    window_skipped = torch.zeros(len(SKIP_REASONS), device=accelerator.device)
+    window_skipped: Counter[str] = Counter()  # on the host: summed over processes at log steps only
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
     step_flops = None  # FLOPs of one optimizer step over all processes, counted on the first step
     peak_tflops = cfg.train.peak_tflops or _known_peak_tflops(accelerator.device, cfg.train.precision)
-    nonfinite_total = nonfinite_run = 0
+    nonfinite = NonfiniteGuard(optimizer, world, cfg.train.max_nonfinite, run_dir)
     last: dict = {}
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
 
@@ -246,8 +307,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             # data.decode=device: JPEG rows are decoded here; rows nothing decodes are counted like the workers' skips
             images, decode_skipped = device_images(batch, accelerator.device, memory_format)
             micro_batches.append((images, texts.to(accelerator.device, non_blocking=True)))
-            for i, reason in enumerate(SKIP_REASONS):
-                window_skipped[i] += batch["skipped"].get(reason, 0) + decode_skipped.get(reason, 0)
+            window_skipped.update(batch["skipped"])
+            window_skipped.update(decode_skipped)
             stream, epoch, emitted = batch["position"]
             positions[stream] = (epoch, emitted)
             step_keys.extend(batch["keys"])
@@ -261,25 +322,17 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             step_flops = counter.get_total_flops() * world
         samples_seen += global_batch
 
-        # a non-finite loss skips the update on every process (they must agree, or DDP pairs different steps)
-        if accelerator.reduce(torch.isfinite(loss).float(), reduction="sum").item() < world:
-            optimizer.zero_grad(set_to_none=True)
-            nonfinite_total += 1
-            nonfinite_run += 1
-            if nonfinite_run > cfg.train.max_nonfinite:
-                raise FloatingPointError(
-                    f"the loss was not finite for {nonfinite_run} steps in a row (after step {step}); stopping. "
-                    f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. Resume from it with "
-                    "train.resume=auto and a lower optim.lr, optim.grad_clip, or train.precision=fp32/bf16")
-            continue
-        nonfinite_run = 0
+        # a non-finite loss on any process makes no update anywhere, decided on the device: no wait for the GPU here
+        update = nonfinite.arm(accelerator.reduce(torch.isfinite(loss).float(), reduction="sum"), step + 1)
         if cfg.optim.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
+        if update:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         raw_model.clamp_logit_scale()
         step += 1
+        nonfinite.check(wait=False)  # the previous step's verdict, long since computed: counts, or stops the run
         if cfg.data.log_keys:
             keys_path = run_dir / "keys" / f"rank{accelerator.process_index}.jsonl"
             _append_jsonl(keys_path, {"step": step, "keys": step_keys})
@@ -288,8 +341,10 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-            skipped_now = accelerator.reduce(window_skipped, reduction="sum").tolist()
-            window_skipped.zero_()
+            nonfinite.check(wait=True)
+            window_counts = torch.tensor([window_skipped[r] for r in SKIP_REASONS], device=accelerator.device)
+            skipped_now = accelerator.reduce(window_counts, reduction="sum").tolist()
+            window_skipped.clear()
             skipped_total.update({r: int(n) for r, n in zip(SKIP_REASONS, skipped_now) if n})
             elapsed = time.perf_counter() - window_start
             tflops = step_flops * window_steps / elapsed / 1e12  # achieved, all processes together
@@ -303,7 +358,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 "samples_per_s": round(global_batch * window_steps / elapsed, 2),
                 "data_wait": round(window_wait / elapsed, 4),
                 "tflops": round(tflops, 4),
-                "nonfinite_steps": nonfinite_total,
+                "nonfinite_steps": nonfinite.total,
                 "skipped": dict(skipped_total),
             }
             if raw_model.clip.logit_bias is not None:
@@ -333,6 +388,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams),
                         tokenizer)
     bar.close()
+    nonfinite.check(wait=True)
 
     # ---- end: checkpoint, zero-shot, export --------------------------------------------------------------------
     final = _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams),

@@ -345,3 +345,50 @@ def test_the_trainer_hands_train_attention_to_the_model(shards, tmp_path):
     # PyTorch has no memory-efficient attention kernel on CPU: a run held to it fails inside the towers' attention
     with pytest.raises(RuntimeError, match=r"No viable backend for scaled_dot_product_attention"):
         _train(_one_step(REPO / "recipes" / "quickstart.yaml", shards, tmp_path / "run", "train.attention=efficient"))
+
+
+@pytest.mark.parametrize("vision_cfg", [{}, {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                                             "image_size": 224}], ids=["open_clip-vit", "timm-vit"])
+def test_matmul_patch_embedding_gives_the_convolutions_features_and_gradients(vision_cfg):
+    from clipalign.model import MatmulPatchEmbed, use_matmul_patch_embed
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="tiny-vit-64", vision_cfg=vision_cfg))
+    images = torch.randint(0, 256, (3, 3, model.image_size, model.image_size), dtype=torch.uint8)
+    names = [name for name, _ in model.named_parameters()]
+
+    def features_and_grads():
+        model.zero_grad()
+        features = model.encode_image(images)
+        (features * torch.arange(features.shape[1])).sum().backward()
+        return features.detach(), [p.grad.clone() for p in model.clip.visual.parameters()]
+
+    want, want_grads = features_and_grads()
+    assert use_matmul_patch_embed(model) == 1
+    assert sum(isinstance(m, MatmulPatchEmbed) for m in model.modules()) == 1
+    got, got_grads = features_and_grads()
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    assert [name for name, _ in model.named_parameters()] == names  # checkpoints and exports are unchanged
+    # towers without a patch convolution are left alone
+    assert use_matmul_patch_embed(create_model(ModelConfig(name="tiny-convnext-64"))) == 0
+
+
+def test_compile_blocks_compiles_each_transformer_block_in_place():
+    from clipalign.model import compile_blocks
+
+    model = create_model(ModelConfig(name="tiny-vit-64"))
+    names = [name for name, _ in model.named_parameters()]
+    blocks = [*model.clip.visual.transformer.resblocks, *model.clip.transformer.resblocks]
+    assert compile_blocks(model) == len(blocks) == 8
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert model._compiled_call_impl is None and model.clip.visual._compiled_call_impl is None
+    assert [name for name, _ in model.named_parameters()] == names
+    # the ConvNeXt trunk's stages differ in shape but not in class: each is compiled whole, nothing inside twice
+    convnext = create_model(ModelConfig(name="tiny-convnext-64"))
+    compiled = compile_blocks(convnext)
+    inner = [m for m in convnext.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == len(inner) > 0
+    assert not any(any(c is not m and getattr(c, "_compiled_call_impl", None) is not None for c in m.modules())
+                   for m in inner)

@@ -13,8 +13,8 @@ import torch
 from multiproc import accelerate_launch_cmd
 from safetensors import safe_open
 
-import clipalign
 from clipalign.checkpoint import latest_checkpoint, list_checkpoints, read_trainer_state
+from clipalign.config import read_config
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -51,7 +51,7 @@ def test_quickstart_recipe_end_to_end_single_process(tmp_path):
     # the synthetic set was drawn into the cache dir given by the environment
     assert list((tmp_path / "cache").rglob("train-*.tar"))
     # run directory: resolved config, metrics, checkpoint, TensorBoard events, summary, export
-    resolved = clipalign.config.read_config(run / "config.yaml")
+    resolved = read_config(run / "config.yaml")
     assert resolved.data.train.startswith(str(tmp_path / "cache")) and resolved.train.steps == 6
     metrics = _metrics(run)
     steps = [m for m in metrics if "loss" in m]
@@ -189,12 +189,14 @@ def test_a_launch_asking_for_fsdp_or_deepspeed_stops_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_compile_and_channels_last_train_the_same_model(tmp_path):
-    """train.compile and train.channels_last change how the step runs, not what it computes or saves."""
+    """train.compile (each transformer block), train.channels_last and the matmul patch embedding change how the step
+    runs, not what it computes or saves."""
     env = _env(tmp_path)
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")  # where compiled kernels land: proof it compiled
     common = [str(QUICKSTART), *SMALL, "train.steps=4", "export.dir=", "train.log_with=none"]
     runs = {}
-    for name, flags in {"eager": [], "compiled": ["train.compile=true", "train.channels_last=true"]}.items():
+    compiled = ["train.compile=true", "train.channels_last=true", "train.patch_embed=matmul"]
+    for name, flags in {"eager": [], "compiled": compiled}.items():
         runs[name] = tmp_path / name
         cmd = [sys.executable, "-m", "clipalign.train", *common, f"train.output_dir={runs[name]}", *flags]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -209,3 +211,35 @@ def test_compile_and_channels_last_train_the_same_model(tmp_path):
         with safe_open(str(latest_checkpoint(run) / "model.safetensors"), "pt") as f:
             keys[name] = set(f.keys())
     assert keys["compiled"] == keys["eager"] and not any("_orig_mod" in k for k in keys["compiled"])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "unfused-waits"])
+def test_nonfinite_guard_skips_the_update_and_stops_after_too_many_in_a_row(fused, tmp_path):
+    from clipalign.train import NonfiniteGuard
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=fused)
+    guard = NonfiniteGuard(optimizer, world=2, limit=2, run_dir=tmp_path)
+    assert guard.on_device is fused
+
+    def step(finite_processes: int, number: int) -> None:
+        weight.grad = torch.full((3,), 1.0 if finite_processes == 2 else float("nan"))
+        if guard.arm(torch.tensor(float(finite_processes)), number):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        guard.check(wait=False)
+
+    step(2, 1)
+    after_good = weight.detach().clone()
+    assert not torch.equal(after_good, torch.ones(3))
+    step(1, 2)  # one process saw a non-finite loss: nobody updates, weights and moments stay as they were
+    step(1, 3)
+    assert torch.equal(weight.detach(), after_good) and optimizer.state[weight]["step"].item() == 1
+    assert (guard.total, guard.run) == (2, 2)
+    step(2, 4)  # a good step ends the streak and updates again
+    assert (guard.total, guard.run) == (2, 0) and not torch.equal(weight.detach(), after_good)
+    assert optimizer.state[weight]["step"].item() == 2
+    step(0, 5)
+    step(0, 6)
+    with pytest.raises(FloatingPointError, match=r"not finite for 3 steps in a row \(after step 4\)"):
+        step(0, 7)
