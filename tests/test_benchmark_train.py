@@ -41,6 +41,9 @@ def test_ours_metrics_parser_skips_zero_shot_lines():
     rows = bt.ours_rates("\n".join(json.dumps(line) for line in lines) + "\n")
     assert rows == [{"step": 5, "window": 10.0}, {"step": 10, "window": 30.0}, {"step": 15, "window": 20.0}]
     assert bt.steady_median(rows, drop_steps=5) == 25.0
+    # MFU and data wait come along where the line has them
+    gpu = bt.ours_rates(json.dumps({"step": 5, "samples_per_s": 9.0, "mfu": 0.25, "data_wait": 0.01}))
+    assert gpu == [{"step": 5, "window": 9.0, "mfu": 0.25, "data_wait": 0.01}]
     with pytest.raises(ValueError):
         bt.steady_median([], drop_steps=0)
 
@@ -61,6 +64,7 @@ def test_ours_side_runs_on_real_shards_and_reports_a_rate(tmp_path, capsys):
                     "--json", str(tmp_path / "out.json")])
     assert len(rows) == 1 and rows[0]["steps"] == 6 and rows[0]["reference"] is None
     assert rows[0]["ours"] > 0
+    assert 0 <= rows[0]["ours_data_wait"] < 1 and "ours_mfu" not in rows[0]  # no known peak on a CPU
     assert list((tmp_path / "bench-synthetic" / "n48-px64").glob("train-*.tar"))
     saved = json.loads((tmp_path / "out.json").read_text())
     windows = saved["runs"]["fp32"]["ours"][0]["windows"]

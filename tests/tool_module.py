@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -13,5 +14,6 @@ def load_tool(name: str) -> ModuleType:
     """tools/NAME.py as a module (tools/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # registered before it runs, as an import would: dataclasses look their module up
     spec.loader.exec_module(module)
     return module

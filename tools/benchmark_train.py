@@ -91,13 +91,15 @@ def reference_rates(log_text: str, batch_size: int) -> list[dict]:
 
 
 def ours_rates(metrics_text: str) -> list[dict]:
-    """Per training line of clipalign's metrics.jsonl: `step` and `window` (its samples_per_s)."""
+    """Per training line of clipalign's metrics.jsonl: `step`, `window` (its samples_per_s), and `mfu` and
+    `data_wait` where the line has them (MFU needs a known device peak)."""
     rows = []
     for line in metrics_text.splitlines():
         if line.strip():
             record = json.loads(line)
             if "samples_per_s" in record:
-                rows.append({"step": record["step"], "window": record["samples_per_s"]})
+                rows.append({"step": record["step"], "window": record["samples_per_s"],
+                             **{k: record[k] for k in ("mfu", "data_wait") if k in record}})
     return rows
 
 
@@ -207,7 +209,8 @@ def run_ours(args: argparse.Namespace, data: str, precision: str, steps: int, wo
     rows = ours_rates((out / "metrics.jsonl").read_text())
     if not rows or rows[-1]["step"] != steps:
         raise RuntimeError(f"clipalign stopped at step {rows[-1]['step'] if rows else 0} of {steps}")
-    return {"samples_per_s": steady_median(rows, args.drop_steps), "windows": rows, "wall_s": round(wall, 1),
+    extra = {k: steady_median(rows, args.drop_steps, key=k) for k in ("mfu", "data_wait") if all(k in r for r in rows)}
+    return {"samples_per_s": steady_median(rows, args.drop_steps), **extra, "windows": rows, "wall_s": round(wall, 1),
             "load_before": load, "load_after": os.getloadavg()[0], "command": cmd}
 
 
@@ -347,6 +350,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append({"model": args.model, "image_size": image_size, "precision": precision,
                      "batch_size": args.batch_size, "steps": steps, "ours": ours, "reference": reference,
                      "ratio": ours / reference if reference else None,
+                     **{f"ours_{k}": statistics.median(r[k] for r in runs[precision]["ours"])
+                        for k in ("mfu", "data_wait") if all(k in r for r in runs[precision]["ours"])},
                      "ours_runs": [r["samples_per_s"] for r in runs[precision]["ours"]],
                      "reference_runs": [r["samples_per_s"] for r in ref_runs],
                      "reference_step_rate_runs": [r["step_rate_median"] for r in ref_runs]})
@@ -355,6 +360,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         print(f"{row['precision']}: ours per run {_fmt(row['ours_runs'])}; reference per run "
               f"{_fmt(row['reference_runs'])} (single-step N/s medians {_fmt(row['reference_step_rate_runs'])})")
+        if "ours_data_wait" in row:
+            mfu = f"MFU {row['ours_mfu']:.1%}, " if "ours_mfu" in row else ""
+            print(f"{row['precision']}: ours {mfu}data wait {row['ours_data_wait']:.1%} (medians)")
     if args.json:
         Path(args.json).write_text(json.dumps({"argv": sys.argv if argv is None else argv, "threads": args.threads,
                                                "ours_args": args.ours_args,

@@ -1,0 +1,78 @@
+"""tools/gpu_report.py: what it plans to measure on a GPU, its time limits, and a real run of its steps on CPU."""
+
+import json
+import sys
+import time
+
+from tool_module import load_tool
+
+gr = load_tool("gpu_report")
+
+
+def _step_names(argv: list[str], tmp_path) -> dict[str, list[str]]:
+    args = gr._parse_args(["--out", str(tmp_path), *argv])
+    return {s.name: s.argv for s in gr.plan(args, {224: "/data/train-{000..009}.tar", 64: "/d/x.tar"}, tmp_path)}
+
+
+def test_the_gpu_plan_covers_every_figure_of_the_issue(tmp_path):
+    steps = _step_names([], tmp_path)
+    assert list(steps) == ["train-b32-b256", "train-b32-b512", "train-b16-b256", "loss", "decode",
+                           "train-b32-b256-notrim", "train-b32-b512-notrim", "train-b16-b256-notrim",
+                           "train-b32-b256-compile", "train-b32-b512-compile", "train-b16-b256-compile"]
+    b512 = steps["train-b32-b512"]
+    assert b512[b512.index("--model") + 1] == "ViT-B-32" and b512[b512.index("--batch-size") + 1] == "512"
+    assert b512[b512.index("--workers") + 1] == "8" and b512[b512.index("--device") + 1] == "cuda"
+    assert b512[b512.index("--precision") + 1] == "bf16" and "--skip-reference" not in b512
+    assert b512[b512.index("--samples") + 1] == str(512 * 40)
+    notrim = steps["train-b16-b256-notrim"]
+    assert "--skip-reference" in notrim and notrim[notrim.index("--ours-args") + 1] == "train.trim_text=false"
+    loss = steps["loss"]
+    assert loss[loss.index("--sizes") + 1:loss.index("--sizes") + 4] == ["16384", "32768", "65536"]
+    assert loss[loss.index("--world-sizes") + 1] == "1" and loss[loss.index("--dtype") + 1] == "bf16"
+    assert loss[loss.index("--tiled-kernels") + 1:loss.index("--tiled-kernels") + 3] == ["triton", "torch"]
+    decode = steps["decode"]
+    assert "--decode-bench" in decode and decode[decode.index("--device") + 1] == "cuda"
+
+
+def test_a_step_past_its_limit_is_killed_with_its_children_and_the_budget_skips_the_rest(tmp_path):
+    sleeper = [sys.executable, "-c", "import subprocess, sys, time; "
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"]
+    slow = gr.Step("slow", "sleeps", sleeper, limit_s=2, json_path=tmp_path / "none.json")
+    start = time.monotonic()
+    gr.run_step(slow, tmp_path, remaining_s=100)
+    assert slow.status == "timed out (2 s)" and time.monotonic() - start < 30
+    failing = gr.Step("bad", "fails", [sys.executable, "-c", "raise SystemExit('no GPU here')"], 10, tmp_path / "x")
+    gr.run_step(failing, tmp_path, remaining_s=100)
+    assert failing.status == "failed (exit 1)" and "no GPU here" in failing.log_tail
+    late = gr.Step("late", "no time left", [sys.executable, "-c", "pass"], 60, tmp_path / "y")
+    gr.run_step(late, tmp_path, remaining_s=5)
+    assert late.status == "skipped (budget)"
+    steps = [slow, failing, late]
+    assert "Not measured in this run: slow: timed out (2 s); bad: failed (exit 1); late: skipped (budget)." in \
+        gr.markdown(steps, gr.environment("cpu"))
+
+
+def test_training_rows_combine_ours_the_reference_and_the_variants(tmp_path):
+    def step(name, result, meta):
+        s = gr.Step(name, "ViT-B-32 batch 512", [], 1, tmp_path / "x", meta=meta)
+        s.status, s.result = "ok", result
+        return s
+
+    base = step("train-b32-b512", {"rows": [{"ours": 6000.0, "reference": 2800.0, "ours_mfu": 0.25,
+                                             "ours_data_wait": 0.015}]}, {})
+    notrim = step("train-b32-b512-notrim", {"rows": [{"ours": 5000.0, "reference": None}]}, {"flag": "x"})
+    md = gr.markdown([base, notrim], gr.environment("cpu"))
+    assert "| ViT-B-32 batch 512 | 6000 | 2800 | 2.14x | 25.0% | 1.5% | 5000 | 1.79x | – | – |" in md
+
+
+def test_the_loss_and_decode_steps_run_for_real_on_cpu(tmp_path):
+    """The smoke sizes through the real benchmark scripts: the report reads what they write."""
+    report = gr.main(["--out", str(tmp_path / "out"), "--device", "cpu", "--smoke", "--skip-reference",
+                      "--only", "loss", "decode", "--cache", str(tmp_path / "cache")])
+    status = {s["name"]: s["status"] for s in report["steps"]}
+    assert status == {"loss": "ok", "decode": "ok"}, [s["log_tail"] for s in report["steps"]]
+    saved = json.loads((tmp_path / "out" / "gpu_report.json").read_text())
+    loss_rows = next(s["result"] for s in saved["steps"] if s["name"] == "loss")
+    assert {r["size"] for r in loss_rows} == {256, 512} and any(r["mode"].startswith("tiled") for r in loss_rows)
+    md = (tmp_path / "out" / "gpu_report.md").read_text()
+    assert "| 512 | open_clip |" in md and "Decode" in md and "Not measured" not in md
