@@ -16,8 +16,9 @@ def _step_names(argv: list[str], tmp_path) -> dict[str, list[str]]:
 
 def test_the_gpu_plan_covers_every_figure_of_the_issue(tmp_path):
     steps = _step_names([], tmp_path)
-    assert list(steps) == ["train-b32-b256", "train-b32-b512", "train-b16-b256", "loss", "decode",
+    assert list(steps) == ["train-b32-b256", "train-b32-b512", "train-b16-b256",
                            "train-b32-b256-notrim", "train-b32-b512-notrim", "train-b16-b256-notrim",
+                           "loss-16384", "loss-32768", "loss-65536", "decode",
                            "train-b32-b256-compile", "train-b32-b512-compile", "train-b16-b256-compile"]
     b512 = steps["train-b32-b512"]
     assert b512[b512.index("--model") + 1] == "ViT-B-32" and b512[b512.index("--batch-size") + 1] == "512"
@@ -26,8 +27,8 @@ def test_the_gpu_plan_covers_every_figure_of_the_issue(tmp_path):
     assert b512[b512.index("--samples") + 1] == str(512 * 40)
     notrim = steps["train-b16-b256-notrim"]
     assert "--skip-reference" in notrim and notrim[notrim.index("--ours-args") + 1] == "train.trim_text=false"
-    loss = steps["loss"]
-    assert loss[loss.index("--sizes") + 1:loss.index("--sizes") + 4] == ["16384", "32768", "65536"]
+    loss = steps["loss-65536"]
+    assert loss[loss.index("--sizes") + 1:loss.index("--world-sizes")] == ["65536"]
     assert loss[loss.index("--world-sizes") + 1] == "1" and loss[loss.index("--dtype") + 1] == "bf16"
     assert loss[loss.index("--tiled-kernels") + 1:loss.index("--tiled-kernels") + 3] == ["triton", "torch"]
     decode = steps["decode"]
@@ -68,11 +69,11 @@ def test_training_rows_combine_ours_the_reference_and_the_variants(tmp_path):
 def test_the_loss_and_decode_steps_run_for_real_on_cpu(tmp_path):
     """The smoke sizes through the real benchmark scripts: the report reads what they write."""
     report = gr.main(["--out", str(tmp_path / "out"), "--device", "cpu", "--smoke", "--skip-reference",
-                      "--only", "loss", "decode", "--cache", str(tmp_path / "cache")])
+                      "--only", "loss-256", "loss-512", "decode", "--cache", str(tmp_path / "cache")])
     status = {s["name"]: s["status"] for s in report["steps"]}
-    assert status == {"loss": "ok", "decode": "ok"}, [s["log_tail"] for s in report["steps"]]
+    assert status == {"loss-256": "ok", "loss-512": "ok", "decode": "ok"}, [s["log_tail"] for s in report["steps"]]
     saved = json.loads((tmp_path / "out" / "gpu_report.json").read_text())
-    loss_rows = next(s["result"] for s in saved["steps"] if s["name"] == "loss")
+    loss_rows = [row for s in saved["steps"] if s["name"].startswith("loss-") for row in s["result"]]
     assert {r["size"] for r in loss_rows} == {256, 512} and any(r["mode"].startswith("tiled") for r in loss_rows)
     md = (tmp_path / "out" / "gpu_report.md").read_text()
     assert "| 512 | open_clip |" in md and "Decode" in md and "Not measured" not in md

@@ -11,17 +11,18 @@ It runs the project's own benchmark scripts, each in a subprocess with a time li
 1. data: synthetic 224 px training shards, drawn by `--draw-processes` processes at once.
 2. training throughput, ours against open_clip_train in the same run (`tools/benchmark_train.py`, bf16, 1 repeat):
    ViT-B/32 at batch 256 and 512, ViT-B/16 at batch 256, `--workers` DataLoader workers on both sides; with our
-   MFU and the fraction of time spent waiting for data (`data_wait`), medians over the logged windows.
+   MFU and the fraction of time spent waiting for data (`data_wait`), medians over the logged windows; then ours
+   with `train.trim_text=false` on the same configurations (the reference is the same as there).
 3. the InfoNCE loss on one GPU (`tools/benchmark_loss.py`): open_clip's local `ClipLoss` against `tiled` (the fused
    Triton kernels, and pure torch with budget-sized and 4096-column tiles) at B = 16k, 32k, 64k, bf16 features,
    D = 512: median time of forward + backward over 10 repeats and peak memory, and their ratios to the reference.
 4. decoding: images/s of PIL in the DataLoader workers' path against the device path (`data.decode=device`) on
    photo-like 512 px JPEGs (`tools/benchmark_data.py --decode-bench`).
-5. ours with `train.trim_text=false` on the configurations of step 2 (the reference is the same as there).
-6. ours with `train.compile=true` (regional compile of the transformer blocks), if time remains.
+5. ours with `train.compile=true` (regional compile of the transformer blocks), if time remains.
 
 A step that would not fit the remaining budget is skipped and reported as such; a step that fails or times out is
-reported with the tail of its log, and the next step runs. Files written:
+reported with the tail of its log, and the next step runs. Steps left out can be run in a second call with
+`--only NAME ...` (the names the report prints). Files written:
 
     OUT/gpu_report.json    every figure, per step: command, status, seconds, result
     OUT/gpu_report.md      the Markdown rows for docs/benchmarks.md
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -86,7 +88,8 @@ def draw_shards(root: Path, samples: int, image_size: int, processes: int) -> st
     if not marker.exists():
         per = -(-samples // processes)
         parts = [(str(root / "parts" / f"n{per}-px{image_size}-s{i}"), per, image_size, i) for i in range(processes)]
-        with ProcessPoolExecutor(processes) as pool:
+        # spawned, not forked: the parent may already hold a CUDA context, which a forked child must not touch
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
             shards = [s for part in pool.map(_draw_part, parts) for s in part]
         shutil.rmtree(combined, ignore_errors=True)
         combined.mkdir(parents=True)
@@ -126,26 +129,35 @@ def plan(args: argparse.Namespace, data: dict[int, str], out: Path) -> list[Step
         out_steps.append(Step(f"train-{cfg['key']}", f"{cfg['model']} batch {cfg['batch']}",
                               [*train, "--json", str(out / f"train-{cfg['key']}.json")], limit,
                               out / f"train-{cfg['key']}.json", meta=cfg))
+    trainings = [s for s in out_steps if s.name.startswith("train-")]
+
+    def variant(flag: str, key: str) -> list[Step]:
+        out_variants = []
+        for step in trainings:  # ours only: the reference's figure is the one measured beside ours above
+            cut = step.argv.index("--json")
+            argv = [*step.argv[:cut], "--skip-reference", "--ours-args", flag, "--json",
+                    str(out / f"{step.name}-{key}.json")]
+            out_variants.append(Step(f"{step.name}-{key}", f"{step.title}, {flag}", argv, step.limit_s,
+                                     out / f"{step.name}-{key}.json", meta={**step.meta, "flag": flag}))
+        return out_variants
+
+    out_steps += variant("train.trim_text=false", "notrim")
     sizes = ["256", "512"] if args.smoke else ["16384", "32768", "65536"]
-    # the fused kernels, and the pure-torch path with the budget-sized tiles and with 4096 columns
-    loss = [*py, str(TOOLS / "benchmark_loss.py"), "--sizes", *sizes, "--world-sizes", "1", "--modes", "tiled",
-            "--tiled-kernels", "triton", "torch", "--tile-size", "0", "4096", "--dtype", "bf16",
-            "--repeats", "3" if args.smoke else "10", "--dim", "512", "--device", args.device, *args.loss_args]
-    out_steps.append(Step("loss", "InfoNCE on one device", [*loss, "--json", str(out / "loss.json")],
-                          60 if args.smoke else 150, out / "loss.json"))
+    # the fused kernels, and the pure-torch path with the budget-sized tiles and with 4096 columns; one step per size,
+    # so that running out of memory at the largest loses only its own figures
+    for size in sizes:
+        loss = [*py, str(TOOLS / "benchmark_loss.py"), "--sizes", size, "--world-sizes", "1", "--modes", "tiled",
+                "--tiled-kernels", "triton", "torch", "--tile-size", "0", "4096", "--dtype", "bf16",
+                "--repeats", "3" if args.smoke else "10", "--dim", "512", "--device", args.device, *args.loss_args]
+        out_steps.append(Step(f"loss-{size}", f"InfoNCE on one device, B = {size}",
+                              [*loss, "--json", str(out / f"loss-{size}.json")], 60 if args.smoke else 90,
+                              out / f"loss-{size}.json"))
     images = "16" if args.smoke else str(args.decode_images)
     decode = [*py, str(TOOLS / "benchmark_data.py"), "--decode-bench", "--device", args.device, "--sizes", "512",
               "--images", images, "--repeats", "3", "--cache", str(args.cache / "decode")]
     out_steps.append(Step("decode", "JPEG decode + crop + resize", [*decode, "--json", str(out / "decode.json")],
                           60 if args.smoke else 120, out / "decode.json"))
-    trainings = [s for s in out_steps if s.name.startswith("train-")]
-    for flag, key in (("train.trim_text=false", "notrim"), ("train.compile=true", "compile")):
-        for step in trainings:  # ours only: the reference's figure is the one measured beside ours above
-            cut = step.argv.index("--json")
-            argv = [*step.argv[:cut], "--skip-reference", "--ours-args", flag, "--json",
-                    str(out / f"{step.name}-{key}.json")]
-            out_steps.append(Step(f"{step.name}-{key}", f"{step.title}, {flag}", argv, step.limit_s,
-                                  out / f"{step.name}-{key}.json", meta={**step.meta, "flag": flag}))
+    out_steps += variant("train.compile=true", "compile")
     return out_steps
 
 
@@ -215,10 +227,10 @@ def markdown(steps: list[Step], env: dict) -> str:
         if step.status != "ok":
             cells[0] += f" ({step.status})"
         lines.append("| " + " | ".join(cells) + " |")
-    loss = by_name.get("loss")
+    loss_rows = [row for s in steps if s.name.startswith("loss-") and isinstance(s.result, list) for row in s.result]
     lines += ["", "| B (1 process) | loss | median time | peak memory | time / reference | memory / reference |",
               "| --- | --- | --- | --- | --- | --- |"]
-    for row in (loss.result if loss and isinstance(loss.result, list) else []):
+    for row in loss_rows:
         name = row["mode"] + (f" ({row['kernel']} kernel)" if row.get("kernel") else "")
         if row.get("skipped"):
             lines.append(f"| {row['size']} | {name} | skipped: {row['skipped']} | | | |")
@@ -272,7 +284,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default="/tmp/clipalign-gpu-report", help="where the drawn shards go")
     p.add_argument("--smoke", action="store_true", help="toy sizes: checks the plumbing, measures nothing")
     p.add_argument("--only", nargs="*", default=[], metavar="STEP",
-                   help="run only these steps (names as the report prints them, e.g. loss decode train-b32-b512)")
+                   help="run only these steps (names as the report prints them, e.g. loss-32768 decode train-b32-b512)")
     args = p.parse_args(argv)
     args.cache = Path(args.cache)
     if args.smoke:
