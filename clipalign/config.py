@@ -139,16 +139,21 @@ class Config:
         os.replace(tmp, path)
 
 
+# The loss choices (clipalign.loss validates its arguments against the same tuples)
+LOSS_KINDS = ("contrastive", "sigmoid")
+CONTRASTIVE_MODES = ("dense", "local", "tiled")
+TILED_KERNELS = ("auto", "torch", "triton")
+SIGMOID_EXCHANGES = ("ring", "gather")
 # data.decode: where training JPEGs are decoded (clipalign.data.device_decode)
 DECODE_CHOICES = ("auto", "workers", "device")
 # train.attention: "auto", PyTorch's own choice, or one scaled_dot_product_attention backend (clipalign.model)
 ATTENTION_CHOICES = ("auto", "torch", "math", "flash", "efficient", "cudnn")
 
 _CHOICES = {
-    ("loss", "kind"): ("contrastive", "sigmoid"),
-    ("loss", "mode"): ("dense", "local", "tiled"),
-    ("loss", "tiled_kernel"): ("auto", "torch", "triton"),
-    ("loss", "exchange"): ("ring", "gather"),
+    ("loss", "kind"): LOSS_KINDS,
+    ("loss", "mode"): CONTRASTIVE_MODES,
+    ("loss", "tiled_kernel"): TILED_KERNELS,
+    ("loss", "exchange"): SIGMOID_EXCHANGES,
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "attention"): ATTENTION_CHOICES,
     ("train", "compile_scope"): ("blocks", "model"),

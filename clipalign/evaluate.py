@@ -30,21 +30,23 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from clipalign.data.eval_sets import (
-    BUILTIN_SETS,
-    CLASSNAMES_FILE,
-    CLIP_BENCHMARK_TEMPLATES_FILE,
-    TEMPLATES_FILE,
     ImagePaths,
     ShardSamples,
-    captions_of,
     collate_samples,
     label_reader,
     read_labelled_csv,
-    read_lines,
     read_retrieval_csv,
-    resolve_lines,
     sidecar_lines,
     source_kind,
+)
+from clipalign.data.sample import (
+    BUILTIN_SETS,
+    CLASSNAMES_FILE,
+    TEMPLATE_FILES,
+    TEMPLATES_FILE,
+    every_caption,
+    folder_classnames,
+    resolve_lines,
 )
 from clipalign.tokenizer import tokenize
 
@@ -127,7 +129,7 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
     kind = source_kind(data)
     if kind == "folder":
         folder = _image_folder(Path(data))
-        classnames = _classnames_for(folder, classnames)
+        classnames = folder_classnames(folder.root, folder.classes, classnames)
         paths, labels = zip(*folder.samples)
         dataset: Any = ImagePaths(paths, labels, transform)
     else:
@@ -144,7 +146,7 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
         else:
             dataset = ShardSamples(str(data), transform, label_reader(label_key, classnames))
     if templates is None:
-        templates = sidecar_lines(data, [TEMPLATES_FILE, CLIP_BENCHMARK_TEMPLATES_FILE]) or list(DEFAULT_TEMPLATES)
+        templates = sidecar_lines(data, TEMPLATE_FILES) or list(DEFAULT_TEMPLATES)
     with _evaluating(model, device) as device, _autocast(device, precision):
         classifier = zero_shot_classifier(model, classnames, templates, batch_size)  # (D, C)
         ranked, labels, skipped = [], [], Counter()
@@ -251,7 +253,7 @@ def zero_shot_retrieval(model, data: str | os.PathLike, image_key: str = "filepa
     transform = _preprocess_of(model)
     shards = source_kind(data) == "shards"
     if shards:
-        dataset: Any = ShardSamples(str(data), transform, captions_of)
+        dataset: Any = ShardSamples(str(data), transform, every_caption)
         captions, owners = [], []
     else:
         paths, captions, owners = read_retrieval_csv(data, image_key, caption_key)
@@ -306,21 +308,6 @@ def _image_folder(folder: Path) -> ImageFolder:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"zero-shot data folder {folder} holds no images; expected an ImageFolder "
                                 f"(one sub-folder of images per class): {e}") from e
-
-
-def _classnames_for(dataset: ImageFolder, classnames: Sequence[str] | None) -> list[str]:
-    source = "classnames"
-    if classnames is None:
-        path = Path(dataset.root) / CLASSNAMES_FILE
-        if path.is_file():
-            classnames, source = read_lines(path), str(path)
-        else:
-            classnames = [name.replace("_", " ") for name in dataset.classes]
-    classnames = list(classnames)
-    if len(classnames) != len(dataset.classes):
-        raise ValueError(f"{source}: {len(classnames)} class names for {len(dataset.classes)} class folders "
-                         f"in {dataset.root}; give one name per folder, in sorted folder-name order")
-    return classnames
 
 
 @contextlib.contextmanager

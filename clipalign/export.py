@@ -1,20 +1,8 @@
 """Hand a trained model to downstream users: an open_clip `local-dir:` directory, optionally with ONNX towers.
 
-An export directory holds
-
-    open_clip_config.json         {"model_cfg", "preprocess_cfg", "model_name"}: what open_clip's local-dir: reads
-    open_clip_model.safetensors   the CLIP state dict (open_clip's key names)
-    image_encoder.safetensors     the image tower alone (open_clip's vision tower keys) ...
-    image_encoder_config.json     ... with what rebuilds it: embed_dim, vision_cfg, preprocess_cfg
-    text_encoder.safetensors      the text tower alone (open_clip's text tower keys) ...
-    text_encoder_config.json      ... with embed_dim, text_cfg and the tokenizer it needs
-    tokenizer.model               the SentencePiece tokenizer, when the model was trained with one
-    README.md                     a model card: config, training data, steps, zero-shot results when known
-    image_encoder.onnx            with --onnx: pixels (B, 3, H, W) float -> L2-normalised embedding (B, D)
-    text_encoder.onnx             with --onnx: token ids (B, context_length) int64 -> L2-normalised embedding (B, D)
-
-and loads with `open_clip.create_model_and_transforms("local-dir:DIR")` or `clipalign.load(DIR)`; one tower on
-its own loads with `clipalign.load_image_encoder(DIR)` / `clipalign.load_text_encoder(DIR)`:
+The directory (its files are listed and named in `clipalign.layout`) loads with
+`open_clip.create_model_and_transforms("local-dir:DIR")` or `clipalign.load(DIR)`; one tower on its own loads with
+`clipalign.load_image_encoder(DIR)` / `clipalign.load_text_encoder(DIR)`:
 
     clipalign-export --checkpoint runs/quickstart --out exports/quickstart --onnx
 """
@@ -35,29 +23,34 @@ from typing import Any
 
 import open_clip
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from clipalign import __version__
 from clipalign.checkpoint import read_trainer_state, resolve_checkpoint
 from clipalign.config import read_config
-from clipalign.model import (
+from clipalign.layout import (
+    EXPORT_CONFIG_FILE,
+    EXPORT_WEIGHTS_FILE,
     IMAGE_ENCODER_CONFIG,
     IMAGE_ENCODER_WEIGHTS,
+    IMAGE_ONNX,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    RUN_CONFIG_FILE,
     TEXT_ENCODER_CONFIG,
     TEXT_ENCODER_WEIGHTS,
+    TEXT_ONNX,
     TOKENIZER_FILE,
-    DualEncoder,
-    directory_tokenizer,
-    load,
-    tower_state_dicts,
+    checkpoint_run_dir,
+    is_export,
+    read_export_config,
+    write_json,
+    write_weights,
 )
-from clipalign.tokenizer import SentencePieceTokenizer, tokenize
+from clipalign.model import DualEncoder, load, tower_state_dicts
+from clipalign.tokenizer import SentencePieceTokenizer, directory_tokenizer, tokenize
 
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"  # the first name open_clip looks for in a local-dir:
-IMAGE_ONNX = "image_encoder.onnx"
-TEXT_ONNX = "text_encoder.onnx"
+CONFIG_FILE, WEIGHTS_FILE = EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE  # this module's names for them, for callers
 ONNX_OPSET = 18
 ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
 ONNX_TOLERANCE = 1e-4  # max abs difference of normalised embeddings, onnxruntime vs PyTorch
@@ -95,8 +88,8 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
     try:
         config = {"model_cfg": model_cfg, "preprocess_cfg": open_clip.get_model_preprocess_cfg(model.clip),
                   "model_name": model.name}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(_standalone(model.clip.state_dict()), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / EXPORT_CONFIG_FILE, config)
+        write_weights(tmp / EXPORT_WEIGHTS_FILE, model.clip.state_dict())
         if isinstance(model.tokenizer, SentencePieceTokenizer):
             model.tokenizer.save(tmp / TOKENIZER_FILE)
         elif hasattr(model.tokenizer, "save_pretrained"):
@@ -104,7 +97,7 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
         _check_tokenizer(model, model_cfg, tmp)
         _write_towers(model, model_cfg, tmp)
         onnx_info = _export_onnx(model, tmp, onnx_exporter) if onnx else None
-        (tmp / "README.md").write_text(_model_card(model, model_cfg, provenance, source, str(out), onnx_info))
+        (tmp / MODEL_CARD_FILE).write_text(_model_card(model, model_cfg, provenance, source, str(out), onnx_info))
         _umask_permissions(tmp)
         _move_into_place(tmp, out)
     except BaseException:
@@ -114,7 +107,7 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
 
 
 def _check_replaceable(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_FILE).is_file())):
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or is_export(out))):
         raise FileExistsError(f"{out} exists and is not an export directory; refusing to replace it")
 
 
@@ -125,15 +118,15 @@ def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict
         return source, source.open_clip_config(), {}, None
     path = Path(source)
     model = load(path)
-    if (path / CONFIG_FILE).is_file():  # re-exporting an export: its config may name a model not registered here
-        return model, json.loads((path / CONFIG_FILE).read_text())["model_cfg"], {}, str(path)
+    if is_export(path):  # re-exporting an export: its config may name a model not registered here
+        return model, read_export_config(path)["model_cfg"], {}, str(path)
     ckpt = resolve_checkpoint(path)
     state = read_trainer_state(ckpt)
-    cfg = read_config(ckpt / "config.yaml")
+    cfg = read_config(ckpt / RUN_CONFIG_FILE)
     data = cfg.data.train or (f"synthetic ({cfg.data.synthetic_samples} samples)" if cfg.data.synthetic else "")
     provenance = {"step": state.get("step"), "samples_seen": state.get("samples_seen"), "data": data,
                   "loss": f"{cfg.loss.kind} ({cfg.loss.mode})" if cfg.loss.kind == "contrastive" else cfg.loss.kind,
-                  "evaluation": _last_evaluation(ckpt.parent.parent / "metrics.jsonl", state.get("step"))}
+                  "evaluation": _last_evaluation(checkpoint_run_dir(ckpt) / METRICS_FILE, state.get("step"))}
     return model, model.open_clip_config(), provenance, str(ckpt)
 
 
@@ -164,22 +157,8 @@ def _write_towers(model: DualEncoder, model_cfg: dict, out_dir: Path) -> None:
                 "tokenizer": TOKENIZER_FILE if spm else "open_clip", **common}
     for weights, name, cfg, cfg_name in ((image, IMAGE_ENCODER_WEIGHTS, image_cfg, IMAGE_ENCODER_CONFIG),
                                          (text, TEXT_ENCODER_WEIGHTS, text_cfg, TEXT_ENCODER_CONFIG)):
-        save_file(_standalone(weights), str(out_dir / name), metadata={"format": "pt"})
-        (out_dir / cfg_name).write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _standalone(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU tensors that own contiguous storage: safetensors refuses shared or strided views."""
-    seen: set[int] = set()
-    out = {}
-    for key, tensor in state_dict.items():
-        tensor = tensor.detach().cpu()
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen or not tensor.is_contiguous():
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
-        seen.add(ptr)
-        out[key] = tensor
-    return out
+        write_weights(out_dir / name, weights)
+        write_json(out_dir / cfg_name, cfg)
 
 
 def _check_tokenizer(model: DualEncoder, model_cfg: dict, export_dir: Path) -> None:
@@ -314,7 +293,7 @@ def _model_card(model: DualEncoder, model_cfg: dict, provenance: dict, source: s
         "",
         "| | |",
         "| --- | --- |",
-        f"| model config | `{model.name}` (in `{CONFIG_FILE}`) |",
+        f"| model config | `{model.name}` (in `{EXPORT_CONFIG_FILE}`) |",
         f"| embedding dim | {model_cfg.get('embed_dim')} |",
         f"| image size | {model.image_size} px |",
         f"| context length | {context_length} tokens |",
@@ -417,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="clipalign-export", description=main.__doc__)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest one)")
     parser.add_argument("--out", required=True, help="export directory (replaced if it holds an earlier export)")
-    parser.add_argument("--onnx", action="store_true", help="also export image_encoder.onnx and text_encoder.onnx")
+    parser.add_argument("--onnx", action="store_true", help=f"also export {IMAGE_ONNX} and {TEXT_ONNX}")
     parser.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default="auto",
                         help="torch.onnx path: dynamo (torch.export), torchscript (legacy tracer), "
                              "auto = dynamo with a torchscript fallback")

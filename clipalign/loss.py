@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipalign.config import ConfigError, LossConfig
+from clipalign.config import CONTRASTIVE_MODES, LOSS_KINDS, SIGMOID_EXCHANGES, TILED_KERNELS, ConfigError, LossConfig
 from clipalign.distributed import all_gather_with_grad, get_rank, get_world_size, ring_exchange_with_grad
 
-CONTRASTIVE_MODES = ("dense", "local", "tiled")
-TILED_KERNELS = ("auto", "torch", "triton")
 # tile_size=0: tiles sized so that their fp32 blocks (about 3 of (B_local, T) at once) take at most this many bytes,
 # and at most a quarter of the columns, so that they hold at most 1/8 of local mode's ~6 (B_local, B_global) blocks
 TILE_BUDGET_BYTES = 256 * 2**20
@@ -402,9 +400,6 @@ def _shifted_logits(scaled_rows: torch.Tensor, tile: torch.Tensor, shift: torch.
     return (scaled_rows @ tile.T).to(shift.dtype).sub_(shift[:, None])
 
 
-SIGMOID_EXCHANGES = ("ring", "gather")
-
-
 class SigmoidLoss(nn.Module):
     """SigLIP's pairwise sigmoid loss of local images against the texts of the whole global batch.
 
@@ -519,6 +514,6 @@ def build_loss(cfg: LossConfig) -> nn.Module:
     if cfg.kind == "sigmoid":
         return SigmoidLoss(exchange=cfg.exchange)
     if cfg.kind != "contrastive":
-        raise ConfigError(f"loss.kind {cfg.kind!r} is not supported; supported kinds: contrastive, sigmoid")
+        raise ConfigError(f"loss.kind {cfg.kind!r} is not supported; supported kinds: {', '.join(LOSS_KINDS)}")
     return ContrastiveLoss(mode=cfg.mode, label_smoothing=cfg.label_smoothing, tile_size=cfg.tile_size,
                            tiled_kernel=cfg.tiled_kernel)

@@ -1,14 +1,15 @@
 """The dual encoder: an open_clip model (image tower + text tower + learnable temperature) with its input pipeline.
 
 Towers come from open_clip model configs: its built-in ones (`ViT-B-32`, `RN50`, ...) and the JSON configs shipped
-in `clipalign/model_configs/`, which are registered with open_clip on import.
+in `clipalign/model_configs/`, which are registered with open_clip on import. `load` reads a checkpoint or export
+directory back, `load_image_encoder` / `load_text_encoder` one tower of an export; the files they read are named in
+`clipalign.layout`, the tokenizers they pick chosen in `clipalign.tokenizer`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
@@ -18,24 +19,29 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.transformer import text_global_pool
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clipalign.checkpoint import resolve_checkpoint
 from clipalign.config import ATTENTION_CHOICES, ConfigError, ModelConfig, read_config
+from clipalign.layout import (
+    IMAGE_ENCODER_CONFIG,  # noqa: F401  (re-exported: these names lived here)
+    IMAGE_ENCODER_WEIGHTS,  # noqa: F401
+    RUN_CONFIG_FILE,
+    TEXT_ENCODER_CONFIG,  # noqa: F401
+    TEXT_ENCODER_WEIGHTS,  # noqa: F401
+    TOKENIZER_FILE,
+    is_export,
+    read_checkpoint_weights,
+    read_export_config,
+    read_tower,
+)
 from clipalign.model_configs import MODEL_CONFIG_DIR  # noqa: F401  (registers our configs with open_clip)
-from clipalign.tokenizer import SentencePieceTokenizer, build_tokenizer
+from clipalign.tokenizer import SentencePieceTokenizer, Tokenizer, directory_tokenizer, recipe_tokenizer
 
 LOGIT_SCALE_MAX = 100.0  # CLIP clamps the temperature multiplier here to keep training stable
 # SigLIP starts from scale 10 and bias -10 (its paper's init): most pairs are negatives, so begin near "no match"
 SIGMOID_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
-WEIGHTS_FILE = "model.safetensors"  # what Accelerate's save_state writes for the first prepared model
-IMAGE_ENCODER_WEIGHTS = "image_encoder.safetensors"
-IMAGE_ENCODER_CONFIG = "image_encoder_config.json"
-TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
-TEXT_ENCODER_CONFIG = "text_encoder_config.json"
-TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece tokenizer travels with checkpoints and exports under this name
 # Attention kernels (`scaled_dot_product_attention` backends) a tower may be held to; of ATTENTION_CHOICES, "auto"
 # and "torch" pick none
 ATTENTION_BACKENDS = {
@@ -63,7 +69,8 @@ class DualEncoder(nn.Module):
 
     attention: str = "auto"
 
-    def __init__(self, clip: nn.Module, name: str, tokenizer=None, preprocess=None, model_cfg: dict | None = None):
+    def __init__(self, clip: nn.Module, name: str, tokenizer: Tokenizer | None = None, preprocess=None,
+                 model_cfg: dict | None = None):
         super().__init__()
         self.clip = clip
         self.name = name
@@ -283,7 +290,7 @@ def trim_padding(token_ids: torch.Tensor, multiple: int = 8) -> torch.Tensor:
     return token_ids[:, :length]
 
 
-def resolve_model_config(cfg: ModelConfig, tokenizer=None) -> dict:
+def resolve_model_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> dict:
     """The open_clip model config a recipe asks for: the named config with the recipe's embed_dim, vision_cfg and
     text_cfg keys merged over it, patch dropout, and a SentencePiece tokenizer's vocabulary size.
 
@@ -322,7 +329,7 @@ def create_model(cfg: ModelConfig, loss_kind: str = "contrastive", load_pretrain
     `with torch.device("meta")` and `device="meta"`, the model is built without memory (to count parameters).
     """
     model_config(cfg.name)  # validates the name with a readable error
-    tokenizer = _recipe_tokenizer(cfg, tokenizer_file)
+    tokenizer = recipe_tokenizer(cfg.name, tokenizer_file or cfg.tokenizer, cfg.text_cfg.get("context_length"))
     resolved = resolve_model_config(cfg, tokenizer)
     init = SIGMOID_INIT if loss_kind == "sigmoid" else {}
     pretrained = cfg.pretrained if load_pretrained and cfg.pretrained else None
@@ -341,25 +348,9 @@ def create_model(cfg: ModelConfig, loss_kind: str = "contrastive", load_pretrain
                               freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
     if cfg.grad_checkpointing:
         clip.set_grad_checkpointing(True)
-    if tokenizer is None:
-        tokenizer = build_tokenizer(cfg.name, context_length=resolved["text_cfg"].get("context_length"))
     model = DualEncoder(clip, cfg.name, tokenizer=tokenizer, model_cfg=resolved)
     model.preprocess = eval_preprocess(model)
     return model
-
-
-def _recipe_tokenizer(cfg: ModelConfig, tokenizer_file: str | os.PathLike | None):
-    """The SentencePiece tokenizer a recipe names (None: the model config's own tokenizer)."""
-    spec = tokenizer_file or cfg.tokenizer
-    if not spec:
-        return None
-    path = Path(spec)
-    if path.suffix != ".model" and not path.is_file():
-        raise ConfigError(f"model.tokenizer {str(spec)!r}: expected a SentencePiece .model file "
-                          f"(train one with clipalign-train-tokenizer), or leave it empty for the config's own")
-    context_length = model_config(cfg.name)["text_cfg"].get("context_length", 77)
-    context_length = cfg.text_cfg.get("context_length", context_length)
-    return SentencePieceTokenizer(path, context_length=context_length)
 
 
 def eval_preprocess(model: DualEncoder):
@@ -380,25 +371,22 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEnc
     The result has `encode_image(pixels)`, `encode_text(token_ids)`, `.tokenizer` and `.preprocess`, in eval mode.
     """
     path = Path(path)
-    if (path / "open_clip_config.json").is_file():
+    if is_export(path):
         model = _load_export(path)
     else:
         ckpt = resolve_checkpoint(path)
-        cfg = read_config(ckpt / "config.yaml")
+        cfg = read_config(ckpt / RUN_CONFIG_FILE)
         own_tokenizer = ckpt / TOKENIZER_FILE
         model = create_model(cfg.model, cfg.loss.kind, load_pretrained=False,
                              tokenizer_file=own_tokenizer if own_tokenizer.is_file() else None)
-        weights = ckpt / WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: no model weights in this checkpoint")
-        model.load_state_dict(load_file(str(weights)))
+        model.load_state_dict(read_checkpoint_weights(ckpt))
     return model.to(device).eval()
 
 
 def _load_export(path: Path) -> DualEncoder:
     uri = f"local-dir:{path}"
     clip, _, preprocess = open_clip.create_model_and_transforms(uri, output_dict=True)
-    config = json.loads((path / "open_clip_config.json").read_text())
+    config = read_export_config(path)
     model_cfg = config["model_cfg"]
     tokenizer = directory_tokenizer(path, model_cfg.get("text_cfg", {}), (path / TOKENIZER_FILE).is_file())
     return DualEncoder(clip, config.get("model_name", path.name), tokenizer=tokenizer, preprocess=preprocess,
@@ -436,7 +424,7 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """An exported text tower alone: `forward(token_ids)` -> L2-normalised embeddings (B, D), with `.tokenizer`."""
 
-    def __init__(self, tower: nn.Module, tokenizer, config: dict):
+    def __init__(self, tower: nn.Module, tokenizer: Tokenizer, config: dict):
         super().__init__()
         self.tower, self.tokenizer, self.config = tower, tokenizer, config
 
@@ -446,19 +434,11 @@ class TextEncoder(nn.Module):
     encode_text = forward
 
 
-def _tower_files(path: Path, config_name: str, weights_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg_path, weights_path = path / config_name, path / weights_name
-    for needed in (cfg_path, weights_path):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{needed} does not exist; export the model with clipalign-export first")
-    return json.loads(cfg_path.read_text()), load_file(str(weights_path))
-
-
 def load_image_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> ImageEncoder:
     """The image tower of an export directory, without building the text tower."""
     from open_clip.model import _build_vision_tower
 
-    cfg, weights = _tower_files(Path(path), IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_WEIGHTS)
+    cfg, weights = read_tower(path, "image")
     with _quiet_random_init():
         tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False))
     tower.load_state_dict(weights)
@@ -469,27 +449,10 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     """The text tower of an export directory, with its tokenizer, without building the image tower."""
     from open_clip.model import _build_text_tower
 
-    path = Path(path)
-    cfg, weights = _tower_files(path, TEXT_ENCODER_CONFIG, TEXT_ENCODER_WEIGHTS)
+    cfg, weights = read_tower(path, "text")
     with _quiet_random_init():
         tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg.get("quick_gelu", False))
     tower.load_state_dict(weights)
     tokenizer = directory_tokenizer(path, cfg["text_cfg"], cfg.get("tokenizer") == TOKENIZER_FILE)
     return TextEncoder(tower, tokenizer, cfg).to(device).eval()
 
-
-def directory_tokenizer(path: Path, text_cfg: dict, sentencepiece: bool):
-    """The tokenizer a text tower in directory `path` was trained with: the SentencePiece model there when
-    `sentencepiece`, else what open_clip builds for the directory's `open_clip_config.json` or for `text_cfg`."""
-    context_length = text_cfg.get("context_length", 77)
-    if sentencepiece:
-        if not (path / TOKENIZER_FILE).is_file():
-            raise FileNotFoundError(f"{path / TOKENIZER_FILE} does not exist; this text encoder was trained with a "
-                                    f"SentencePiece tokenizer: copy {TOKENIZER_FILE} with the encoder's files")
-        return SentencePieceTokenizer(path / TOKENIZER_FILE, context_length=context_length)
-    if (path / "open_clip_config.json").is_file():
-        return open_clip.get_tokenizer(f"local-dir:{path}")
-    kwargs = text_cfg.get("tokenizer_kwargs", {})
-    if "hf_tokenizer_name" in text_cfg:
-        return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length, **kwargs)
-    return open_clip.SimpleTokenizer(context_length=context_length, **kwargs)

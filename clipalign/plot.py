@@ -4,8 +4,8 @@
     clipalign-plot runs/a runs/b --out compare.png       # several runs on the same axes
     python tools/plot.py runs/quickstart --x samples
 
-Reads each run directory's `metrics.jsonl` (a metrics line per `train.log_every` steps, and zero-shot lines). Needs
-matplotlib (`pip install "clipalign[plot]"`).
+Reads each run directory's `metrics.jsonl` (a metrics line per `train.log_every` steps, and zero-shot lines; file
+names in `clipalign.layout`). Needs matplotlib (`pip install "clipalign[plot]"`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from clipalign.layout import CURVES_FILE, METRICS_FILE
 
 # (metrics key, panel title); a panel is drawn when some run logged the key
 TRAIN_PANELS = [
@@ -32,7 +34,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
         FileNotFoundError: naming the file, when the run has none.
         ValueError: naming the file and line, when a line is not JSON.
     """
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such metrics file; pass a run directory (train.output_dir)")
     train, zeroshot = [], []
@@ -138,11 +140,11 @@ def _finish(ax, legend: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
-    p.add_argument("--out", help="PNG to write; default RUN/curves.png for one run, curves.png for several")
+    p.add_argument("runs", nargs="+", help=f"run directories (each with a {METRICS_FILE})")
+    p.add_argument("--out", help=f"PNG to write; default RUN/{CURVES_FILE} for one run, {CURVES_FILE} for several")
     p.add_argument("--x", choices=["step", "samples"], default="step", help="x axis of the training panels")
     args = p.parse_args(argv)
-    out = args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("curves.png"))
+    out = args.out or (Path(args.runs[0]) / CURVES_FILE if len(args.runs) == 1 else Path(CURVES_FILE))
     try:
         path = plot_runs(args.runs, out, x=args.x)
     except (FileNotFoundError, ValueError) as e:

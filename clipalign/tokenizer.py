@@ -1,8 +1,12 @@
-"""Text tokenizers behind one interface: call with a string or a list of strings, get (N, context_length) ids.
+"""Text tokenizers behind one interface, `Tokenizer`: call with a string or a list of strings, get (N, context_length)
+ids; and the choice of the tokenizer a recipe or a saved model uses.
 
 Two kinds: open_clip's tokenizer of a model config (BPE for the CLIP text tower), and `SentencePieceTokenizer`, a
-SentencePiece model trained on your own captions (see `clipalign.train_tokenizer`). `load_tokenizer` picks one from
-a spec: a `.model` path or an open_clip model name.
+SentencePiece model trained on your own captions (see `clipalign.train_tokenizer`). Which one:
+
+- `recipe_tokenizer`: a recipe's (model config name, `model.tokenizer` SentencePiece file, context length);
+- `directory_tokenizer`: a checkpoint's or export's (the SentencePiece model it carries, or open_clip's own);
+- `load_tokenizer`: a spec on the command line, a `.model` path or an open_clip model name.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import open_clip
 import sentencepiece as spm
@@ -18,16 +22,75 @@ import torch
 from open_clip.tokenizer import whitespace_clean
 
 import clipalign.model_configs  # noqa: F401  (registers our configs with open_clip)
+from clipalign.config import ConfigError
+from clipalign.layout import EXPORT_CONFIG_FILE, TOKENIZER_FILE
 
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context, the default for SentencePiece tokenizers
 
 
-def build_tokenizer(model_name: str, context_length: int | None = None):
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What clipalign takes for a tokenizer: open_clip's (`SimpleTokenizer`, `HFTokenizer`, `SigLipTokenizer`) or a
+    `SentencePieceTokenizer`. Called on texts, it returns their ids, (N, context_length) int64, padded with 0."""
+
+    context_length: int
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor: ...
+
+
+def build_tokenizer(model_name: str, context_length: int | None = None) -> Tokenizer:
     """The tokenizer of an open_clip model config (BPE for the CLIP text tower), picklable for DataLoader workers."""
     return open_clip.get_tokenizer(model_name, context_length=context_length)
 
 
-def tokenize(tokenizer, texts: str | list[str]) -> torch.Tensor:
+def recipe_tokenizer(model_name: str, sentencepiece: str | os.PathLike | None = None,
+                     context_length: int | None = None) -> Tokenizer:
+    """The tokenizer a recipe trains with: the SentencePiece model `sentencepiece` (`model.tokenizer`) if given, else
+    the model config's own.
+
+    Args:
+        model_name: the open_clip model config (`model.name`).
+        sentencepiece: a SentencePiece `.model` file; empty or None for the config's tokenizer.
+        context_length: the recipe's `model.text_cfg.context_length`; None for the model config's (77 if it has none).
+
+    Raises:
+        ConfigError: `sentencepiece` is neither a `.model` path nor an existing file.
+    """
+    if not sentencepiece:
+        return build_tokenizer(model_name, context_length=context_length)
+    path = Path(sentencepiece)
+    if path.suffix != ".model" and not path.is_file():
+        raise ConfigError(f"model.tokenizer {str(sentencepiece)!r}: expected a SentencePiece .model file "
+                          f"(train one with clipalign-train-tokenizer), or leave it empty for the config's own")
+    if context_length is None:
+        text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+        context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
+    return SentencePieceTokenizer(path, context_length=context_length)
+
+
+def directory_tokenizer(path: str | os.PathLike, text_cfg: dict, sentencepiece: bool) -> Tokenizer:
+    """The tokenizer a text tower in directory `path` (an export) was trained with: the SentencePiece model there when
+    `sentencepiece`, else what open_clip builds for the directory's open_clip config or for `text_cfg`.
+
+    Raises:
+        FileNotFoundError: `sentencepiece`, and the directory holds no SentencePiece model.
+    """
+    path = Path(path)
+    context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
+    if sentencepiece:
+        if not (path / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"{path / TOKENIZER_FILE} does not exist; this text encoder was trained with a "
+                                    f"SentencePiece tokenizer: copy {TOKENIZER_FILE} with the encoder's files")
+        return SentencePieceTokenizer(path / TOKENIZER_FILE, context_length=context_length)
+    if (path / EXPORT_CONFIG_FILE).is_file():
+        return open_clip.get_tokenizer(f"local-dir:{path}")
+    kwargs = text_cfg.get("tokenizer_kwargs", {})
+    if "hf_tokenizer_name" in text_cfg:
+        return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length, **kwargs)
+    return open_clip.SimpleTokenizer(context_length=context_length, **kwargs)
+
+
+def tokenize(tokenizer: Tokenizer, texts: str | list[str]) -> torch.Tensor:
     """Token ids, (N, context_length) int64, truncated with the end-of-text token kept as open_clip does."""
     return tokenizer([texts] if isinstance(texts, str) else list(texts))
 
@@ -143,7 +206,7 @@ class SentencePieceTokenizer:
                 f"context_length={self.context_length})")
 
 
-def load_tokenizer(spec: str | os.PathLike, context_length: int | None = None):
+def load_tokenizer(spec: str | os.PathLike, context_length: int | None = None) -> Tokenizer:
     """A tokenizer from a spec: a SentencePiece `.model` file, or else the name of an open_clip model config.
 
     A spec that is a path object, ends in `.model` or names an existing file is a SentencePiece model

@@ -28,14 +28,15 @@ from clipalign.accumulate import forward_backward
 from clipalign.checkpoint import latest_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
 from clipalign.config import Config, ConfigError, load_config
 from clipalign.data.device_decode import device_images, resolve_decode
+from clipalign.data.sample import STREAM_SKIP_REASONS as SKIP_REASONS  # one list, in clipalign.data.sample
 from clipalign.data.shards import expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
+from clipalign.layout import METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, TOKENIZER_FILE, keys_file
 from clipalign.loss import build_loss
-from clipalign.model import TOKENIZER_FILE, compile_blocks, create_model, trim_padding, use_matmul_patch_embed
-from clipalign.tokenizer import SentencePieceTokenizer
+from clipalign.model import compile_blocks, create_model, trim_padding, use_matmul_patch_embed
+from clipalign.tokenizer import SentencePieceTokenizer, Tokenizer
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-SKIP_REASONS = ("no_image", "no_caption", "bad_text", "bad_image", "unreadable_tar")
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -99,7 +100,8 @@ def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
     return resolve_checkpoint(cfg.train.resume)
 
 
-def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, cfg: Config, state: dict, tokenizer) -> Path:
+def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, cfg: Config, state: dict,
+                tokenizer: Tokenizer) -> Path:
     # a SentencePiece tokenizer travels with the weights: the checkpoint alone must rebuild the model
     files = {TOKENIZER_FILE: tokenizer.model_proto} if isinstance(tokenizer, SentencePieceTokenizer) else None
     return save_checkpoint(accelerator, run_dir, step, cfg, state, keep=cfg.train.keep_checkpoints, files=files)
@@ -191,6 +193,75 @@ class NonfiniteGuard:
                 "train.resume=auto and a lower optim.lr, optim.grad_clip, or train.precision=fp32/bf16")
 
 
+class MetricsWindow:
+    """The steps since the last metrics line: their time, data wait and skipped samples, and the totals so far.
+
+    The loop adds to `steps`, `wait` (seconds spent waiting for batches) and `skipped` (counts by reason, on the
+    host); `line` sums the skip counts over processes, returns the metrics record and starts the next window. The
+    FLOPs of one optimizer step are counted once, on the first step (`counting_flops`), for the achieved TFLOP/s and
+    the MFU estimate.
+    """
+
+    def __init__(self, accelerator: Accelerator, global_batch: int, peak_tflops: float, num_samples: int = 0):
+        self.accelerator, self.global_batch, self.peak_tflops = accelerator, global_batch, peak_tflops
+        self.num_samples = num_samples  # samples in one pass over the data, for the epoch; 0 = unknown
+        self.step_flops: int | None = None  # FLOPs of one optimizer step over all processes
+        self.skipped_total: Counter[str] = Counter()
+        self._restart()
+
+    def _restart(self) -> None:
+        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+        self.skipped: Counter[str] = Counter()
+
+    def counting_flops(self):
+        """A context that counts the FLOPs of what runs inside it the first time, and does nothing after."""
+        return contextlib.nullcontext() if self.step_flops is not None else self._count_flops()
+
+    @contextlib.contextmanager
+    def _count_flops(self):
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.step_flops = counter.get_total_flops() * self.accelerator.num_processes
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside out of the window (evaluation is not training)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
+
+    def line(self, step: int, samples_seen: int, loss: torch.Tensor, model, lr: float, nonfinite_steps: int) -> dict:
+        """The metrics record of the window ending at `step`, then a new window; every process calls it."""
+        accelerator = self.accelerator
+        loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+        counts = torch.tensor([self.skipped[r] for r in SKIP_REASONS], device=accelerator.device)
+        summed = accelerator.reduce(counts, reduction="sum").tolist()
+        self.skipped_total.update({r: int(n) for r, n in zip(SKIP_REASONS, summed) if n})
+        elapsed = time.perf_counter() - self.start
+        tflops = (self.step_flops or 0) * self.steps / elapsed / 1e12  # achieved, all processes together
+        record = {
+            "step": step,
+            "samples": samples_seen,
+            **({"epoch": round(samples_seen / self.num_samples, 4)} if self.num_samples else {}),
+            "loss": round(loss_mean, 5),
+            "logit_scale": round(model.logit_scale.exp().item(), 4),
+            "lr": lr,
+            "samples_per_s": round(self.global_batch * self.steps / elapsed, 2),
+            "data_wait": round(self.wait / elapsed, 4),
+            "tflops": round(tflops, 4),
+            "nonfinite_steps": nonfinite_steps,
+            "skipped": dict(self.skipped_total),
+        }
+        if model.clip.logit_bias is not None:
+            record["logit_bias"] = round(model.clip.logit_bias.item(), 4)
+        if self.peak_tflops:
+            record["mfu"] = round(tflops / (self.peak_tflops * accelerator.num_processes), 4)
+        self._restart()
+        return record
+
+
 def train(cfg: Config) -> dict:
     """Run the training described by `cfg`; returns the last logged metrics (and zero-shot results, if any)."""
     # ---- processes, precision, run directory -------------------------------------------------------------------
@@ -226,7 +297,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     set_seed(cfg.train.seed)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
-    main = accelerator.is_main_process
+    is_main = accelerator.is_main_process
     world = accelerator.num_processes
 
     # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
@@ -254,9 +325,9 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     # ---- data ---------------------------------------------------------------------------------------------------
     _prepare_data(cfg, accelerator, raw_model.image_size)
     sources = expand_sources(cfg.data.train)
-    if main:
+    if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
+        cfg.save(run_dir / RUN_CONFIG_FILE)
 
     # ---- resume ------------------------------------------------------------------------------------------------
     step, samples_seen, state = 0, 0, {}
@@ -283,16 +354,13 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     # ---- logging -----------------------------------------------------------------------------------------------
     if log_with:
         accelerator.init_trackers("tensorboard", config=_flat(cfg.to_dict()))
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS_FILE
     global_batch = cfg.data.batch_size * world * cfg.train.accum_steps  # samples per optimizer step
-    skipped_total: Counter[str] = Counter()
-    window_skipped: Counter[str] = Counter()  # on the host: summed over processes at log steps only
-    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-    step_flops = None  # FLOPs of one optimizer step over all processes, counted on the first step
     peak_tflops = cfg.train.peak_tflops or _known_peak_tflops(accelerator.device, cfg.train.precision)
+    window = MetricsWindow(accelerator, global_batch, peak_tflops, cfg.data.num_samples)
     nonfinite = NonfiniteGuard(optimizer, world, cfg.train.max_nonfinite, run_dir)
     last: dict = {}
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     # padding after every caption's end is cut per batch where the text tower cannot see it (causal, EOT-pooled)
@@ -307,19 +375,17 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             # data.decode=device: JPEG rows are decoded here; rows nothing decodes are counted like the workers' skips
             images, decode_skipped = device_images(batch, accelerator.device, memory_format)
             micro_batches.append((images, texts.to(accelerator.device, non_blocking=True)))
-            window_skipped.update(batch["skipped"])
-            window_skipped.update(decode_skipped)
+            window.skipped.update(batch["skipped"])
+            window.skipped.update(decode_skipped)
             stream, epoch, emitted = batch["position"]
             positions[stream] = (epoch, emitted)
             step_keys.extend(batch["keys"])
-        window_wait += time.perf_counter() - t0
+        window.wait += time.perf_counter() - t0
 
         # accumulated micro-batches are scored together: negatives come from the whole accumulated batch;
         # the first step also counts the FLOPs of a step, for the MFU estimate
-        with FlopCounterMode(display=False) if step_flops is None else contextlib.nullcontext() as counter:
+        with window.counting_flops():
             loss = forward_backward(model, loss_fn, micro_batches, accelerator)
-        if step_flops is None:
-            step_flops = counter.get_total_flops() * world
         samples_seen += global_batch
 
         # a non-finite loss on any process makes no update anywhere, decided on the device: no wait for the GPU here
@@ -334,55 +400,30 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         step += 1
         nonfinite.check(wait=False)  # the previous step's verdict, long since computed: counts, or stops the run
         if cfg.data.log_keys:
-            keys_path = run_dir / "keys" / f"rank{accelerator.process_index}.jsonl"
-            _append_jsonl(keys_path, {"step": step, "keys": step_keys})
-        window_steps += 1
+            _append_jsonl(keys_file(run_dir, accelerator.process_index), {"step": step, "keys": step_keys})
+        window.steps += 1
         bar.update(1)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             nonfinite.check(wait=True)
-            window_counts = torch.tensor([window_skipped[r] for r in SKIP_REASONS], device=accelerator.device)
-            skipped_now = accelerator.reduce(window_counts, reduction="sum").tolist()
-            window_skipped.clear()
-            skipped_total.update({r: int(n) for r, n in zip(SKIP_REASONS, skipped_now) if n})
-            elapsed = time.perf_counter() - window_start
-            tflops = step_flops * window_steps / elapsed / 1e12  # achieved, all processes together
-            last = {
-                "step": step,
-                "samples": samples_seen,
-                **({"epoch": round(samples_seen / cfg.data.num_samples, 4)} if cfg.data.num_samples else {}),
-                "loss": round(loss_mean, 5),
-                "logit_scale": round(raw_model.logit_scale.exp().item(), 4),
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": round(global_batch * window_steps / elapsed, 2),
-                "data_wait": round(window_wait / elapsed, 4),
-                "tflops": round(tflops, 4),
-                "nonfinite_steps": nonfinite.total,
-                "skipped": dict(skipped_total),
-            }
-            if raw_model.clip.logit_bias is not None:
-                last["logit_bias"] = round(raw_model.clip.logit_bias.item(), 4)
-            if peak_tflops:
-                last["mfu"] = round(tflops / (peak_tflops * world), 4)
-            if main:
+            last = window.line(step, samples_seen, loss, raw_model, scheduler.get_last_lr()[0], nonfinite.total)
+            if is_main:
                 _append_jsonl(metrics_path, last)
-                bar.set_postfix(loss=f"{loss_mean:.3f}", scale=f"{last['logit_scale']:.1f}",
+                bar.set_postfix(loss=f"{last['loss']:.3f}", scale=f"{last['logit_scale']:.1f}",
                                 sps=f"{last['samples_per_s']:.0f}")
             if log_with:
                 accelerator.log({k: v for k, v in last.items() if k != "skipped"}, step=step)
-            window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
 
         if (cfg.eval.zeroshot or cfg.eval.retrieval) and cfg.eval.every and step % cfg.eval.every == 0 \
                 and step < cfg.train.steps:
-            if main:
-                results = _evaluate(cfg, raw_model)
-                _append_jsonl(metrics_path, {"step": step, **results})
-                if log_with:
-                    accelerator.log({f"{kind}/{k}": v for kind, result in results.items() for k, v in result.items()
-                                     if isinstance(v, (int, float))}, step=step)
-            accelerator.wait_for_everyone()
-            window_start = time.perf_counter()  # evaluation time is not training time
+            with window.paused():  # evaluation time is not training time
+                if is_main:
+                    results = _evaluate(cfg, raw_model)
+                    _append_jsonl(metrics_path, {"step": step, **results})
+                    if log_with:
+                        accelerator.log({f"{kind}/{k}": v for kind, result in results.items()
+                                         for k, v in result.items() if isinstance(v, (int, float))}, step=step)
+                accelerator.wait_for_everyone()
 
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
             _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams),
@@ -393,12 +434,12 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     # ---- end: checkpoint, zero-shot, export --------------------------------------------------------------------
     final = _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams),
                         tokenizer)
-    summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(skipped_total),
+    summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(window.skipped_total),
                "loss": last.get("loss")}
-    if main:
+    if is_main:
         summary.update(_evaluate_and_export(cfg, raw_model, final, metrics_path))
         accelerator.print(json.dumps(summary, indent=2))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
 

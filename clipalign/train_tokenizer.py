@@ -1,12 +1,14 @@
-"""Train a SentencePiece tokenizer on your captions: WebDataset shards, text files or CSV/TSV tables.
+"""Train a SentencePiece tokenizer on your captions: WebDataset shards, text files or CSV/TSV/parquet tables.
 
     clipalign-train-tokenizer --data "/data/cc3m/{00000..00331}.tar" --output tok.model
     clipalign-train-tokenizer --data "captions.txt::more.tsv" --output tok.model --vocab-size 16000 --model-type bpe
 
 `--data` is a spec as `data.train` takes it: brace patterns, sources joined by `::`. A file ending in `.txt` holds one
-caption a line; `.csv`, `.tsv` or `.tab` is a table whose `--caption-key` column holds the captions; anything else is
-a shard, whose `KEY.txt` caption is read, or every caption of a `KEY.json` `"captions"` list, else its `"caption"`.
-Images are never decoded. Captions are cleaned as `SentencePieceTokenizer` cleans them before encoding.
+caption a line; `.csv`, `.tsv`, `.tab`, `.parquet` or `.pq` is a table whose `--caption-key` column holds the captions
+(read by `clipalign.data.sources.open_table`; parquet needs pyarrow); anything else is a shard, whose samples give
+every caption of a `KEY.json` `"captions"` list, else their captions by `clipalign.data.sample.sample_captions` (the
+`KEY.txt`, else the JSON `"caption"`). Images are never decoded. Captions are cleaned as `SentencePieceTokenizer`
+cleans them before encoding.
 
 Writes `OUTPUT` (e.g. `tok.model`) and the sidecar `tok.json` (sizes, captions used, sources, skip counts, token
 statistics). Load the model with `clipalign.tokenizer.load_tokenizer("tok.model")`.
@@ -15,7 +17,6 @@ statistics). Load the model with `clipalign.tokenizer.load_tokenizer("tok.model"
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import itertools
 import json
@@ -26,16 +27,17 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import sentencepiece as spm
 import webdataset as wds
 
-from clipalign.data.shards import SkipCounter, caption_of, expand_urls
+from clipalign.data.sample import listed_captions, sample_captions, sample_json
+from clipalign.data.shards import SkipCounter, expand_urls
+from clipalign.data.sources import open_table, table_format_of
 from clipalign.tokenizer import DEFAULT_CONTEXT_LENGTH, clean_text
 
 MODEL_TYPES = ("unigram", "bpe")
-TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 TEXT_SUFFIX = ".txt"
 STATS_CAPTIONS = 10_000  # captions kept (reservoir-sampled) to measure tokens per caption after training
 
@@ -160,8 +162,8 @@ def _read_captions(urls: Sequence[str], counter: SkipCounter, caption_key: str =
         suffix = Path(url).suffix.lower()
         if suffix == TEXT_SUFFIX:
             captions = _text_file_captions(url, counter)
-        elif suffix in TABLE_DELIMITERS:
-            captions = _table_captions(url, TABLE_DELIMITERS[suffix], caption_key, counter)
+        elif table_format_of(url) is not None:
+            captions = _table_captions(url, caption_key, counter)
         else:
             captions = _shard_captions(url, counter)
         for caption in captions:
@@ -173,22 +175,16 @@ def _read_captions(urls: Sequence[str], counter: SkipCounter, caption_key: str =
 
 
 def _sample_captions(sample: dict[str, Any]) -> list[str]:
-    """Every caption of a raw shard sample: a `.json` `"captions"` list whole, else what `caption_of` reads.
+    """Every caption of a raw shard sample: a `.json` `"captions"` list whole, else `sample_captions`.
 
     Raises:
         UnicodeDecodeError, ValueError: undecodable text or JSON where the caption has to come from.
     """
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"].decode("utf-8"))
-        except ValueError:  # also UnicodeDecodeError; a good `.txt` may still stand, which caption_of decides
-            meta = None
-        if isinstance(meta, dict) and isinstance(meta.get("captions"), list):
-            captions = [c.strip() for c in meta["captions"] if isinstance(c, str) and c.strip()]
-            if captions:
-                return captions
-    caption = caption_of(sample, random.Random(0))  # no "captions" list left to choose from: the rng is unused
-    return [caption] if caption else []
+    try:
+        listed = listed_captions(sample_json(sample))
+    except ValueError:  # also UnicodeDecodeError; a good `.txt` may still stand, which sample_captions decides
+        listed = []
+    return listed or sample_captions(sample)
 
 
 def _shard_captions(url: str, counter: SkipCounter) -> Iterator[str]:
@@ -216,10 +212,13 @@ def _text_file_captions(url: str, counter: SkipCounter) -> Iterator[str]:
                 yield text
 
 
-def _table_captions(url: str, delimiter: str, caption_key: str, counter: SkipCounter) -> Iterator[str]:
-    with wds.gopen(url, "rb") as raw:
-        for row in _table_rows(raw, url, delimiter, caption_key):
-            caption = row.get(caption_key) or ""
+def _table_captions(url: str, caption_key: str, counter: SkipCounter) -> Iterator[str]:
+    # undecodable bytes survive as surrogates, so one bad row is skipped rather than the whole file
+    with open_table(url, table_format_of(url), [caption_key], errors="surrogateescape") as (header, rows):
+        column = _caption_column(url, header, caption_key)
+        for row in rows:
+            cell = row[column] if column < len(row) else None
+            caption = "" if cell is None else str(cell)
             try:
                 caption.encode("utf-8")
             except UnicodeEncodeError:
@@ -231,25 +230,20 @@ def _table_captions(url: str, delimiter: str, caption_key: str, counter: SkipCou
                 counter.skip("no_caption")
 
 
-def _table_rows(raw: BinaryIO, url: str, delimiter: str, caption_key: str) -> csv.DictReader:
-    """Rows of a CSV/TSV byte stream; ValueError naming the table when it has no `caption_key` column."""
-    # undecodable bytes survive as surrogates, so one bad row is skipped rather than the whole file
-    text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # TSV has no quoting
-    reader = csv.DictReader(text, delimiter=delimiter, quoting=quoting)
-    if caption_key not in (reader.fieldnames or []):
+def _caption_column(url: str, header: list[str] | None, caption_key: str) -> int:
+    """Where the caption column is; ValueError naming the table when it has no `caption_key` column."""
+    if caption_key not in (header or []):
         raise ValueError(f"table {url} has no caption column {caption_key!r}; its columns are "
-                         f"{reader.fieldnames or []} (choose one with --caption-key)")
-    return reader
+                         f"{header or []} (choose one with --caption-key)")
+    return header.index(caption_key)
 
 
 def _check_tables(urls: Sequence[str], caption_key: str) -> None:
     """Fail before training, not after reading the shards listed first, when a table lacks the caption column."""
     for url in urls:
-        delimiter = TABLE_DELIMITERS.get(Path(url).suffix.lower())
-        if delimiter is not None:
-            with wds.gopen(url, "rb") as raw:
-                _table_rows(raw, url, delimiter, caption_key)
+        if table_format_of(url) is not None:
+            with open_table(url, table_format_of(url), [caption_key]) as (header, _):
+                _caption_column(url, header, caption_key)
 
 
 def _reservoir_add(sample: list[str], item: str, seen: int, rng: random.Random) -> None:

@@ -231,7 +231,7 @@ def test_builtin_class_names_and_templates_are_the_published_ones():
     import clip_benchmark
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
-    from clipalign.data.eval_sets import builtin_lines, resolve_lines
+    from clipalign.data.sample import builtin_lines, resolve_lines
 
     assert builtin_lines("imagenet1k", "classnames") == list(IMAGENET_CLASSNAMES)
     assert builtin_lines("imagenet1k", "templates") == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]

@@ -16,9 +16,19 @@ import torch
 from open_clip.model import _build_text_tower
 from PIL import Image
 
+from clipalign.config import ConfigError
 from clipalign.data.shards import ShardStream, expand_urls
 from clipalign.data.writer import brace_pattern, write_shards
-from clipalign.tokenizer import SentencePieceTokenizer, build_tokenizer, load_tokenizer, tokenize
+from clipalign.layout import TOKENIZER_FILE
+from clipalign.tokenizer import (
+    SentencePieceTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    directory_tokenizer,
+    load_tokenizer,
+    recipe_tokenizer,
+    tokenize,
+)
 from clipalign.train_tokenizer import main, train_sentencepiece
 
 VOCAB = 512  # byte fallback alone takes 256 pieces, and every kept character one more
@@ -188,6 +198,25 @@ def test_load_tokenizer_picks_the_kind(trained, tmp_path):
     assert not isinstance(bpe, SentencePieceTokenizer)
     assert torch.equal(bpe(["a photo of a cat"]), build_tokenizer("ViT-B-32")(["a photo of a cat"]))
     assert load_tokenizer("ViT-B-32", context_length=16)("a cat").shape == (1, 16)
+
+
+def test_recipe_and_directory_tokenizers(trained, tmp_path):
+    model = trained["bpe"]["output"]
+    spm = recipe_tokenizer("ViT-B-32", model)
+    assert isinstance(spm, SentencePieceTokenizer) and spm.context_length == 77  # the model config's
+    assert recipe_tokenizer("ViT-B-32", model, context_length=24).context_length == 24
+    bpe = recipe_tokenizer("ViT-B-32", "", context_length=16)
+    assert torch.equal(bpe(["a cat"]), build_tokenizer("ViT-B-32", context_length=16)(["a cat"]))
+    assert all(isinstance(tok, Tokenizer) for tok in (spm, bpe, build_tokenizer("ViT-B-32")))
+    with pytest.raises(ConfigError, match="model.tokenizer 'nowhere.txt': expected a SentencePiece .model file"):
+        recipe_tokenizer("ViT-B-32", "nowhere.txt")
+    with pytest.raises(FileNotFoundError, match=f"copy {TOKENIZER_FILE} with the encoder's files"):
+        directory_tokenizer(tmp_path, {"context_length": 16}, sentencepiece=True)
+    shutil.copy(model, tmp_path / TOKENIZER_FILE)
+    tok = directory_tokenizer(tmp_path, {"context_length": 16}, sentencepiece=True)
+    assert isinstance(tok, SentencePieceTokenizer) and tok.context_length == 16
+    assert torch.equal(tok(["a red car"]), SentencePieceTokenizer(model, context_length=16)(["a red car"]))
+    assert directory_tokenizer(tmp_path, {}, sentencepiece=False)(["a cat"]).shape == (1, 77)  # open_clip's BPE
 
 
 def test_open_clip_bpe_path_is_unchanged():

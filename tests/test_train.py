@@ -243,3 +243,38 @@ def test_nonfinite_guard_skips_the_update_and_stops_after_too_many_in_a_row(fuse
     step(0, 6)
     with pytest.raises(FloatingPointError, match=r"not finite for 3 steps in a row \(after step 4\)"):
         step(0, 7)
+
+
+def test_metrics_window_reports_a_window_then_starts_the_next():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from clipalign.config import ModelConfig
+    from clipalign.model import create_model
+    from clipalign.train import MetricsWindow
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        window = MetricsWindow(Accelerator(cpu=True), global_batch=8, peak_tflops=0.0, num_samples=32)
+        model = create_model(ModelConfig(name="tiny-vit-64"))
+        with window.counting_flops():
+            torch.ones(4, 3) @ torch.ones(3, 5)  # 2 * 4 * 3 * 5 FLOPs, counted once
+        with window.counting_flops():
+            torch.ones(64, 64) @ torch.ones(64, 64)
+        assert window.step_flops == 120
+        window.steps, window.wait = 2, 0.0
+        window.skipped.update({"bad_image": 2})
+        before = window.start
+        with window.paused():  # evaluation: its time moves the window's start
+            time.sleep(0.05)
+        assert window.start >= before + 0.05
+        line = window.line(2, 16, torch.tensor(1.5), model, 1e-3, 0)
+        assert (line["epoch"], line["loss"], line["lr"], line["skipped"]) == (0.5, 1.5, 1e-3, {"bad_image": 2})
+        assert line["samples_per_s"] > 0 and "mfu" not in line  # no known peak on a CPU
+        assert (window.steps, window.wait, window.skipped) == (0, 0.0, {})  # the next window
+        window.steps = 1
+        window.skipped.update({"no_caption": 1})
+        line = window.line(3, 24, torch.tensor(1.0), model, 1e-3, 1)
+        assert line["skipped"] == {"bad_image": 2, "no_caption": 1} and line["nonfinite_steps"] == 1
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

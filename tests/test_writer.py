@@ -131,3 +131,11 @@ def test_image_to_bytes_round_trips(fmt: str) -> None:
 def test_image_to_bytes_rejects_unknown_format() -> None:
     with pytest.raises(ValueError, match="bmp"):
         image_to_bytes(Image.new("RGB", (4, 4)), "bmp")
+
+
+def test_write_shards_leaves_no_partial_shard_behind(tmp_path: Path) -> None:
+    samples = [*_samples(3), {"__key__": "bad.key", "txt": "x"}]
+    with pytest.raises(ValueError, match="contains '.'"):
+        write_shards(samples, tmp_path, samples_per_shard=2)
+    # the complete first shard stays; the second, half-written when the bad sample came, is gone, temporary and all
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar"]

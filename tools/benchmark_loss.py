@@ -45,9 +45,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from clipalign.config import TILED_KERNELS
+
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("dense", "local", "tiled")
-TILED_KERNELS = ("auto", "torch", "triton")
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}  # name -> bytes per element
 REFERENCE = "open_clip"  # open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True)
 GIB = 2**30

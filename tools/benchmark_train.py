@@ -206,7 +206,9 @@ def run_ours(args: argparse.Namespace, data: str, precision: str, steps: int, wo
     env = _thread_env(os.environ, args.threads, args.device)
     load = os.getloadavg()[0]
     wall = _run_logged(cmd, env, work / "ours.log", REPO)
-    rows = ours_rates((out / "metrics.jsonl").read_text())
+    from clipalign.layout import METRICS_FILE
+
+    rows = ours_rates((out / METRICS_FILE).read_text())
     if not rows or rows[-1]["step"] != steps:
         raise RuntimeError(f"clipalign stopped at step {rows[-1]['step'] if rows else 0} of {steps}")
     extra = {k: steady_median(rows, args.drop_steps, key=k) for k in ("mfu", "data_wait") if all(k in r for r in rows)}

@@ -2,9 +2,10 @@
 
 Classification reads an ImageFolder (one sub-folder per class), WebDataset shards with a label per sample, or a
 CSV/TSV of (image path, label) rows. Retrieval reads a CSV/TSV of (image path, caption) rows or WebDataset shards
-with one or many captions per image. Class names and prompt templates come from text files (one per line) or from
-the built-in sets for CIFAR-10, CIFAR-100 and ImageNet-1k: the class names and templates published with CLIP,
-shipped in `clipalign/zeroshot_data/`.
+with one or many captions per image (`clipalign.data.sample.every_caption`). Tables go through the one table reader,
+`clipalign.data.sources.open_table`. Class names and prompt templates come from text files (one per line) or from
+the built-in sets for CIFAR-10, CIFAR-100 and ImageNet-1k (the class names and templates published with CLIP, shipped
+in `clipalign/zeroshot_data/`); `clipalign.data.sample` holds the file names and how they are found.
 
 A sample in a shard that cannot be used (corrupt image, no label, no caption) is skipped and counted by reason;
 the counts come back with the results.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -26,39 +26,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from clipalign.data.shards import IMAGE_EXTENSIONS, expand_urls
-
-BUILTIN_DIR = Path(__file__).resolve().parents[1] / "zeroshot_data"
-BUILTIN_SETS = ("cifar10", "cifar100", "imagenet1k")
-CLASSNAMES_FILE = "classnames.txt"  # one class name per line, in label order
-TEMPLATES_FILE = "templates.txt"  # one prompt template per line, "{}" standing for the class name
-# the names clip_benchmark gives the same files in its WebDataset layout (DATASET/classnames.txt, DATASET/test/*.tar)
-CLIP_BENCHMARK_TEMPLATES_FILE = "zeroshot_classification_templates.txt"
-
-
-def read_lines(path: str | os.PathLike) -> list[str]:
-    """The non-blank lines of a text file, stripped (class names, prompt templates)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def builtin_lines(name: str, what: str) -> list[str]:
-    """The built-in class names (`what="classnames"`) or templates (`what="templates"`) of a named data set."""
-    if name not in BUILTIN_SETS:
-        raise ValueError(f"no built-in {what} for {name!r}; built in: {', '.join(BUILTIN_SETS)}")
-    return read_lines(BUILTIN_DIR / name / f"{what}.txt")
-
-
-def resolve_lines(spec: str | os.PathLike, what: str) -> list[str]:
-    """Class names or templates from `spec`: a file (one per line), else the name of a built-in set."""
-    if Path(spec).is_file():
-        return read_lines(spec)
-    if str(spec) in BUILTIN_SETS:
-        return builtin_lines(str(spec), what)
-    raise FileNotFoundError(f"{what} {str(spec)!r} is neither a file nor a built-in set "
-                            f"({', '.join(BUILTIN_SETS)})")
+from clipalign.data.sample import image_bytes, lines_beside, sample_json
+from clipalign.data.shards import expand_urls
+from clipalign.data.sources import open_table
 
 
 def source_kind(spec: str | os.PathLike) -> str:
@@ -87,23 +57,12 @@ def sidecar_lines(spec: str | os.PathLike, names: Sequence[str]) -> list[str] | 
         if first.startswith("pipe:") or "://" in first:
             return None
         places = [Path(first).parent, Path(first).parent.parent]
-    for place in places:
-        for name in names:
-            if (place / name).is_file():
-                return read_lines(place / name)
-    return None
+    return lines_beside(places, names)
 
 
 def _open_rgb(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as img:
         return img.convert("RGB")
-
-
-def _sample_json(sample: dict[str, Any]) -> dict:
-    if "json" not in sample:
-        return {}
-    meta = json.loads(sample["json"].decode("utf-8"))
-    return meta if isinstance(meta, dict) else {}
 
 
 def label_reader(label_key: str, classnames: Sequence[str]) -> Callable[[dict[str, Any]], int | None]:
@@ -118,7 +77,7 @@ def label_reader(label_key: str, classnames: Sequence[str]) -> Callable[[dict[st
         if label_key in sample:
             value: Any = sample[label_key].decode("utf-8").strip()
         else:
-            meta = _sample_json(sample)
+            meta = sample_json(sample)
             value = meta.get(label_key, meta.get("label"))
         if value is None or value == "":
             return None
@@ -138,22 +97,6 @@ def class_index(value: Any, index: dict[str, int], num_classes: int) -> int:
     if not 0 <= label < num_classes:
         raise ValueError(f"label {label} is outside the {num_classes} classes")
     return label
-
-
-def captions_of(sample: dict[str, Any]) -> list[str]:
-    """Every caption of a raw sample: the `.txt` member and the JSON `captions` list, or else the JSON `caption`
-    (img2dataset writes the same caption to `.txt` and `.json`; it is counted once). Repeats in a list are kept, as
-    clip_benchmark keeps them."""
-    captions = []
-    if "txt" in sample:
-        captions.append(sample["txt"].decode("utf-8").strip())
-    meta = _sample_json(sample)
-    listed = meta.get("captions")
-    if isinstance(listed, list):
-        captions.extend(c.strip() for c in listed if isinstance(c, str))
-    elif isinstance(meta.get("caption"), str) and "txt" not in sample:
-        captions.append(meta["caption"].strip())
-    return [c for c in captions if c]
 
 
 class ShardSamples(IterableDataset):
@@ -176,7 +119,7 @@ class ShardSamples(IterableDataset):
         _, _, worker, workers = wds.utils.pytorch_worker_info()
         mine = ({"url": u} for u in self.urls[worker::workers])
         for sample in wds.tarfile_to_samples(handler=self._tar_error)(mine):
-            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            data = image_bytes(sample)
             if data is None:
                 yield None, None, "no_image"
                 continue
@@ -228,12 +171,13 @@ def _csv_rows(path: Path, keys: Sequence[str], separator: str | None, hint: str)
     if not path.is_file():
         raise FileNotFoundError(f"CSV {path} does not exist")
     sep = separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=sep)
-        missing = [k for k in keys if k not in (reader.fieldnames or [])]
+    # quoted cells even in a TSV: clip_benchmark reads these files with pandas, which honours quotes
+    with open_table(path, "csv", delimiter=sep, quoting=csv.QUOTE_MINIMAL) as (header, rows):
+        missing = [k for k in keys if k not in (header or [])]
         if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames} ({hint})")
-        yield from enumerate(reader, 2)
+            raise ValueError(f"{path}: no column {missing[0]!r}; columns are {header} ({hint})")
+        for number, row in enumerate(rows, 2):
+            yield number, {name: row[i] if i < len(row) else None for i, name in enumerate(header)}
 
 
 def _image_path(csv_path: Path, row_number: int, value: str) -> Path:

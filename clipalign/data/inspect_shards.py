@@ -3,7 +3,7 @@
     clipalign-inspect-shards '/data/cc3m/{00000..00331}.tar' --limit 10000
     clipalign-inspect-shards 'shards/a-{0..9}.tar::shards/b-{0..4}.tar' --json report.json
 
-A sample is judged by the training pipeline's own rules and in its order (`clipalign.data.shards`): no image file
+A sample is judged by the training pipeline's own rules (`clipalign.data.sample`) and in its order: no image file
 (`no_image`), undecodable `.txt`/`.json` (`bad_text`), no non-empty caption (`no_caption`), an image that does not
 decode (`bad_image`). So the counts here are the ones training would report in `metrics.jsonl` under `skipped`.
 Tar files that cannot be read to the end are listed with their error.
@@ -27,7 +27,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from clipalign.data.shards import IMAGE_EXTENSIONS, caption_of, expand_urls
+from clipalign.data.sample import caption_of, image_bytes
+from clipalign.data.shards import expand_urls
 from clipalign.data.transforms import decode_image
 
 _EXAMPLES_PER_REASON = 5
@@ -72,7 +73,7 @@ class _ShardReport:
 
     def _judge(self, sample: dict[str, Any]) -> tuple[str | None, Any, str | None]:
         """(skip reason or None, (format, size), caption), checked in `decode_samples`' order."""
-        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        data = image_bytes(sample)
         if data is None:
             return "no_image", None, None
         try:

@@ -1,22 +1,22 @@
 """WebDataset pipeline: shard URLs -> batches of (uint8 images, token ids), bad samples skipped and counted.
 
 A shard holds samples `KEY.jpg|jpeg|png|webp` + `KEY.txt` (caption) and/or `KEY.json` (`{"caption": ...}` or
-`{"captions": [...]}`). Each DataLoader worker reads its own shards, decodes and tokenizes, and yields whole
-batches; every batch carries the counts of samples that worker skipped since its previous batch, by reason, so the
-trainer can sum them exactly. With `decode="device"` the workers leave JPEG decoding to the training process (see
-`clipalign.data.device_decode`); pass every batch through `device_images` there.
+`{"captions": [...]}`); the caption rule and the skip reasons (`STREAM_SKIP_REASONS`) are `clipalign.data.sample`'s.
+Each DataLoader worker reads its own shards, decodes and tokenizes, and yields whole batches; every batch carries the
+counts of samples that worker skipped since its previous batch, by reason, so the trainer can sum them exactly.
+With `decode="device"` the workers leave JPEG decoding to the training process (see `clipalign.data.device_decode`);
+pass every batch through `device_images` there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import braceexpand
 import torch
@@ -24,9 +24,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from clipalign.data.device_decode import DeviceJpeg, pack_batch, prepare_image
+from clipalign.data.sample import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported: its former home
+from clipalign.data.sample import caption_of, image_bytes
 from clipalign.data.transforms import decode_image, train_transform
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+if TYPE_CHECKING:  # data and tokenizer sit side by side over config: the type alone, no import at run time
+    from clipalign.tokenizer import Tokenizer
+
 # salts that keep a worker's random streams apart (integers: make_seed hashes its arguments, and str hashes are
 # salted per interpreter, which would break reproducibility)
 _MIX = 1
@@ -84,36 +88,6 @@ class SkipCounter:
         return out
 
 
-def caption_of(sample: dict[str, Any], rng: random.Random) -> str | None:
-    """The caption of a raw sample (bytes values), from `.txt`, else `.json` caption(s); None when absent or empty.
-
-    Raises UnicodeDecodeError / ValueError for undecodable text or JSON.
-    """
-    if "txt" in sample:
-        text = sample["txt"].decode("utf-8").strip()
-        if text:
-            return text
-    if "json" in sample:
-        meta = json.loads(sample["json"].decode("utf-8"))
-        if isinstance(meta, dict):
-            captions = meta.get("captions")
-            if isinstance(captions, list):
-                captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-                if captions:
-                    return rng.choice(captions)
-            caption = meta.get("caption")
-            if isinstance(caption, str) and caption.strip():
-                return caption.strip()
-    return None
-
-
-def _image_bytes(sample: dict[str, Any]) -> bytes | None:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            return sample[ext]
-    return None
-
-
 def decode_samples(samples, transform: Callable, image_size: int, counter: SkipCounter,
                    sample_seed: Callable[[str], int],
                    image_fn: Callable[[bytes], Any] | None = None) -> Iterator[tuple[str, Any, str]]:
@@ -128,7 +102,7 @@ def decode_samples(samples, transform: Callable, image_size: int, counter: SkipC
             return transform(decode_image(data, image_size))
 
     for sample in samples:
-        data = _image_bytes(sample)
+        data = image_bytes(sample)
         if data is None:
             counter.skip("no_image")
             continue
@@ -209,7 +183,7 @@ class ShardStream(IterableDataset):
             `device_images` in the training process (other images are still decoded in the workers).
     """
 
-    def __init__(self, sources: list[list[str]], tokenizer: Callable, image_size: int, batch_size: int,
+    def __init__(self, sources: list[list[str]], tokenizer: Tokenizer, image_size: int, batch_size: int,
                  seed: int = 0, resampled: bool = True, weights: list[float] | None = None, shuffle_buffer: int = 1000,
                  crop_scale: float = 0.9, start: dict[int, tuple[int, int]] | None = None, decode: str = "workers"):
         super().__init__()
@@ -303,7 +277,7 @@ class ShardStream(IterableDataset):
                 keys, images, captions = [], [], []
 
 
-def make_train_loader(sources: list[list[str]], tokenizer: Callable, image_size: int, batch_size: int, workers: int,
+def make_train_loader(sources: list[list[str]], tokenizer: Tokenizer, image_size: int, batch_size: int, workers: int,
                       pin_memory: bool = False, **stream_args) -> DataLoader:
     """A DataLoader over `ShardStream` (keyword arguments go to it, `decode` among them); the workers batch, so
     `batch_size=None` here."""

@@ -1,5 +1,8 @@
 """Writing WebDataset shards: samples (dicts of `__key__` plus extension -> value) in, numbered tar files out.
 
+`ShardSink` is the one shard writer: `write_shards` (synthetic data, benchmarks) and make_shards both write through
+it, each shard under a temporary name until it is complete.
+
 A sample is what `webdataset.ShardWriter` accepts, e.g. `{"__key__": "000000123", "jpg": b"...", "txt": "a caption",
 "json": {"caption": "a caption"}}`: bytes are stored as they are, `str` as UTF-8, dicts under `json` as JSON.
 """
@@ -7,9 +10,9 @@ A sample is what `webdataset.ShardWriter` accepts, e.g. `{"__key__": "000000123"
 from __future__ import annotations
 
 import io
-import itertools
-import math
+import os
 import re
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 _PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_TAR_BLOCK = tarfile.BLOCKSIZE
 _NUMBERED = re.compile(r"^(?P<head>.*?)(?P<num>\d+)(?P<tail>\.[^/\\]*)$")
 
 
@@ -45,7 +49,7 @@ def write_shards(
     *,
     mtime: float | None = None,
 ) -> list[Path]:
-    """Write samples into numbered tar shards with `webdataset.ShardWriter`.
+    """Write samples into numbered tar shards (see `ShardSink`).
 
     Args:
         samples: dicts with a `__key__` (unique, no `.` in it) and one entry per file extension.
@@ -61,32 +65,127 @@ def write_shards(
     Returns:
         The shard paths written, in order; empty (and nothing created) when `samples` is empty.
     """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"max_bytes must be >= 1 or None, got {max_bytes}")
-    pattern = _shard_pattern(pattern_or_dir, prefix)
-    it = iter(samples)
-    first = next(it, None)
-    if first is None:
-        return []  # ShardWriter opens its first shard eagerly; an empty input must leave no empty tar behind
-    Path(pattern).parent.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    writer = wds.ShardWriter(
-        pattern,
-        maxcount=samples_per_shard,
-        maxsize=math.inf if max_bytes is None else max_bytes,
-        post=lambda fname: written.append(Path(fname)),
-        verbose=0,
-        mtime=mtime,
-    )
-    with writer:
-        previous = None
-        for index, sample in enumerate(itertools.chain([first], it)):
-            key = _checked_key(sample, index, previous)
-            writer.write(sample)
-            previous = key
-    return written
+    with ShardSink(_shard_pattern(pattern_or_dir, prefix), samples_per_shard, max_bytes, mtime=mtime) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return sink.paths
+
+
+class ShardSink:
+    """The one shard writer: numbered tar shards written one sample at a time, split by samples and by bytes.
+
+    A shard is written as a hidden `.NAME.tmp` beside its final name and renamed when complete, so a crash never
+    leaves a truncated shard under a shard name. Nothing is created until the first sample comes.
+
+    Args:
+        pattern: a printf pattern with one integer field, e.g. `"out/train-%06d.tar"`; its folder is created.
+        samples_per_shard: the most samples one shard holds.
+        max_bytes: None: split by count only. Else, with `exact_bytes`, the largest shard file, tar headers and
+            padding included: a sample that would take a shard past it starts the next one, and a sample larger
+            than that alone gets a shard of its own (counted in `oversized`). Without `exact_bytes`, as webdataset's
+            ShardWriter: a new shard starts once a shard's member data has reached it (it may overshoot by one
+            sample).
+        exact_bytes: hold `max_bytes` as a hard limit on the file size (see above).
+        mtime: modification time stored for every tar member; a fixed value makes the shards byte-reproducible.
+            None: the current time.
+    """
+
+    def __init__(self, pattern: str, samples_per_shard: int = 1000, max_bytes: int | None = None, *,
+                 exact_bytes: bool = False, mtime: float | None = None):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1 or None, got {max_bytes}")
+        self.pattern, self.max_count, self.max_bytes = pattern, samples_per_shard, max_bytes
+        self.exact_bytes, self.mtime = exact_bytes, mtime
+        self.paths: list[Path] = []  # the shards completed so far
+        self.oversized = 0  # with exact_bytes: samples larger than max_bytes alone, each written alone into a shard
+        self._writer: wds.TarWriter | None = None
+        self._count = self._size = self._written = 0
+        self._previous: str | None = None
+
+    def write(self, sample: dict) -> None:
+        """Add one sample (`__key__` plus one value per extension: bytes, str, or what webdataset encodes)."""
+        key = _checked_key(sample, self._written, self._previous)
+        sample = wds.writer.encode_based_on_extension(sample, wds.writer.default_handlers)  # the bytes to be stored
+        size = _members_size(sample) if self.exact_bytes else _data_size(sample)
+        if self._writer is not None and (self._count >= self.max_count or self._full(size)):
+            self._finish()
+        if self._writer is None:
+            self._open()
+        if self.exact_bytes and self.max_bytes is not None and _tar_file_size(size) > self.max_bytes:
+            self.oversized += 1
+        self._writer.write(sample)
+        self._count += 1
+        self._size += size
+        self._written += 1
+        self._previous = key
+
+    def close(self) -> list[Path]:
+        """Complete the last shard; the shard paths written, in order."""
+        if self._writer is not None:
+            self._finish()
+        return self.paths
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._writer is not None:  # a half-written shard is no shard: drop it
+            self._writer.close()
+            self._writer = None
+            self._tmp_path().unlink(missing_ok=True)
+
+    def _full(self, size: int) -> bool:
+        """Whether the open shard must be closed before a sample of `size` bytes."""
+        if self.max_bytes is None:
+            return False
+        if self.exact_bytes:
+            return _tar_file_size(self._size + size) > self.max_bytes
+        return self._size >= self.max_bytes
+
+    def _final_path(self) -> Path:
+        return Path(self.pattern % len(self.paths))
+
+    def _tmp_path(self) -> Path:
+        final = self._final_path()
+        return final.parent / f".{final.name}.tmp"
+
+    def _open(self) -> None:
+        final = self._final_path()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # compression follows the final name, which the temporary name hides from webdataset
+        compress = next((c for c in ("gz", "bz2", "xz") if final.name.endswith(c)), False)
+        self._writer = wds.TarWriter(str(self._tmp_path()), compress=compress, mtime=self.mtime)
+        self._count = self._size = 0
+
+    def _finish(self) -> None:
+        self._writer.close()
+        self._writer = None
+        final = self._final_path()
+        os.replace(self._tmp_path(), final)
+        self.paths.append(final)
+
+
+def _data_size(sample: dict) -> int:
+    """Bytes of the members' data, as webdataset's ShardWriter counts them."""
+    return sum(len(v) for k, v in sample.items() if not k.startswith("_"))
+
+
+def _members_size(sample: dict) -> int:
+    """Bytes the members take in a ustar archive: a header block each plus data padded to whole blocks."""
+    return sum(_TAR_BLOCK + _round_up(len(v), _TAR_BLOCK) for k, v in sample.items() if not k.startswith("_"))
+
+
+def _tar_file_size(payload: int) -> int:
+    """Size of a tar file holding `payload` bytes of members: two zero blocks, then padding to a whole record."""
+    return _round_up(payload + 2 * _TAR_BLOCK, tarfile.RECORDSIZE)
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
 
 
 def brace_pattern(paths: list[Path]) -> str:

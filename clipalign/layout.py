@@ -1,0 +1,169 @@
+"""The directories clipalign writes and reads: every file name in them, and the helpers that read and write them.
+
+A run directory (`train.output_dir`):
+
+    config.yaml                   RUN_CONFIG_FILE          the resolved config
+    metrics.jsonl                 METRICS_FILE             a JSON line per log step, and one per evaluation
+    summary.json                  SUMMARY_FILE             the end of the run: steps, samples, skips, results
+    keys/rankN.jsonl              keys_file()              with data.log_keys: each step's sample keys, per process
+    curves.png                    CURVES_FILE              clipalign-plot's default output
+    checkpoints/step_XXXXXXXX/    checkpoint_dir()         a checkpoint, holding
+      model.safetensors           CHECKPOINT_WEIGHTS_FILE  the model's weights, as Accelerate's save_state names them
+      ...                                                  the rest of Accelerate's state (optimizer, scheduler, RNG)
+      config.yaml                 RUN_CONFIG_FILE          the resolved config again
+      tokenizer.model             TOKENIZER_FILE           the SentencePiece tokenizer, when the run used one
+      trainer_state.json          TRAINER_STATE_FILE       written last: step, samples seen, data positions
+
+An export directory (`clipalign-export`; open_clip loads it as `local-dir:DIR`):
+
+    open_clip_config.json         EXPORT_CONFIG_FILE       {"model_cfg", "preprocess_cfg", "model_name"}
+    open_clip_model.safetensors   EXPORT_WEIGHTS_FILE      the CLIP state dict (open_clip's key names)
+    image_encoder.safetensors     IMAGE_ENCODER_WEIGHTS    the image tower alone (open_clip's vision tower keys) ...
+    image_encoder_config.json     IMAGE_ENCODER_CONFIG     ... with embed_dim, vision_cfg, preprocess_cfg
+    text_encoder.safetensors      TEXT_ENCODER_WEIGHTS     the text tower alone (open_clip's text tower keys) ...
+    text_encoder_config.json      TEXT_ENCODER_CONFIG      ... with embed_dim, text_cfg and the tokenizer it needs
+    tokenizer.model               TOKENIZER_FILE           the SentencePiece tokenizer, if the model has one
+    README.md                     MODEL_CARD_FILE          the model card: config, data, steps, results
+    image_encoder.onnx            IMAGE_ONNX               with --onnx: pixels (B, 3, H, W) float -> embeddings (B, D)
+    text_encoder.onnx             TEXT_ONNX                with --onnx: token ids (B, L) -> embeddings (B, D)
+
+Nothing here imports model code, so every module can take its names from here (model.py reads exports, export.py
+writes them); safetensors, and torch with it, is imported only by the functions that read or write weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+# ---- run directory ----------------------------------------------------------------------------------------------
+RUN_CONFIG_FILE = "config.yaml"  # in the run directory and in every checkpoint
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+KEYS_DIR = "keys"
+CURVES_FILE = "curves.png"
+CHECKPOINTS_DIR = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})$")
+
+# ---- checkpoint directory ---------------------------------------------------------------------------------------
+CHECKPOINT_WEIGHTS_FILE = "model.safetensors"  # what Accelerate's save_state writes for the first prepared model
+TRAINER_STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece tokenizer travels with checkpoints and exports under this name
+
+# ---- export directory -------------------------------------------------------------------------------------------
+EXPORT_CONFIG_FILE = "open_clip_config.json"  # the name open_clip's local-dir: reads
+EXPORT_WEIGHTS_FILE = "open_clip_model.safetensors"  # the first name open_clip looks for in a local-dir:
+IMAGE_ENCODER_WEIGHTS = "image_encoder.safetensors"
+IMAGE_ENCODER_CONFIG = "image_encoder_config.json"
+TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
+TEXT_ENCODER_CONFIG = "text_encoder_config.json"
+MODEL_CARD_FILE = "README.md"
+IMAGE_ONNX = "image_encoder.onnx"
+TEXT_ONNX = "text_encoder.onnx"
+_TOWER_FILES = {"image": (IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_WEIGHTS),
+                "text": (TEXT_ENCODER_CONFIG, TEXT_ENCODER_WEIGHTS)}
+
+
+# ---- run and checkpoint directories -----------------------------------------------------------------------------
+
+
+def keys_file(run_dir: str | os.PathLike, rank: int) -> Path:
+    """Where process `rank` logs the sample keys of each step (data.log_keys)."""
+    return Path(run_dir) / KEYS_DIR / f"rank{rank}.jsonl"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """The checkpoint of `step` in a run directory (whether it exists or not)."""
+    return Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(step)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step a checkpoint directory's name gives; None for a name that is not a checkpoint's."""
+    match = _CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_run_dir(ckpt: str | os.PathLike) -> Path:
+    """The run directory a checkpoint directory sits in."""
+    return Path(ckpt).parent.parent
+
+
+def read_checkpoint_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model's state dict in a checkpoint directory.
+
+    Raises:
+        FileNotFoundError: the checkpoint holds no model weights.
+    """
+    from safetensors.torch import load_file
+
+    weights = Path(ckpt) / CHECKPOINT_WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no model weights in this checkpoint")
+    return load_file(str(weights))
+
+
+# ---- export directory -------------------------------------------------------------------------------------------
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is an export directory (it has open_clip's config)."""
+    return (Path(path) / EXPORT_CONFIG_FILE).is_file()
+
+
+def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
+    """An export directory's open_clip config: {"model_cfg", "preprocess_cfg", "model_name"}."""
+    return json.loads((Path(path) / EXPORT_CONFIG_FILE).read_text())
+
+
+def read_tower(path: str | os.PathLike, tower: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and weights of one tower ("image" or "text") of an export directory.
+
+    Raises:
+        FileNotFoundError: naming the missing file.
+    """
+    from safetensors.torch import load_file
+
+    config_name, weights_name = _TOWER_FILES[tower]
+    cfg_path, weights_path = Path(path) / config_name, Path(path) / weights_name
+    for needed in (cfg_path, weights_path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} does not exist; export the model with clipalign-export first")
+    return json.loads(cfg_path.read_text()), load_file(str(weights_path))
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """A config file of an export directory: indented JSON with a final newline."""
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
+    """A safetensors file of an export directory, with the metadata open_clip's loader expects."""
+    from safetensors.torch import save_file
+
+    save_file(_standalone(state_dict), str(path), metadata={"format": "pt"})
+
+
+def _standalone(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors that own contiguous storage: safetensors refuses shared or strided views."""
+    import torch
+
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(ptr)
+        out[key] = tensor
+    return out
