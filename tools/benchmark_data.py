@@ -246,9 +246,15 @@ def _paired_ratio(runs: dict[str, dict], name: str, key: str = "wall") -> float:
 def measure_quality(jpegs: list[bytes], image_size: int = IMAGE_SIZE) -> dict:
     """PSNR (dB) and mean absolute difference (0-255) between our uint8 output and the de-normalised reference."""
     ours, reference = ours_pipeline(image_size), reference_pipeline(image_size)
+    return image_agreement((ours(data), to_uint8(reference(data))) for data in jpegs)
+
+
+def image_agreement(pairs) -> dict:
+    """PSNR (dB; mean and min over the images that differ), identical images and mean absolute difference (0-255)
+    of pairs of uint8 images."""
     psnrs, mads, identical = [], [], 0
-    for data in jpegs:
-        a, b = ours(data).double(), to_uint8(reference(data)).double()
+    for a, b in pairs:
+        a, b = a.double(), b.double()
         if a.shape != b.shape:
             raise RuntimeError(f"ours gives {tuple(a.shape)}, the reference {tuple(b.shape)}")
         mse = float(((a - b) ** 2).mean())
@@ -418,20 +424,10 @@ def measure_decode(jpegs: list[bytes], device: torch.device, batch_size: int, re
         runs["prepare"].append(_timed(lambda: _prepare_batches(jpegs, batch_size, crop_scale, pin), len(jpegs))[0])
     cpu = _workers_path(jpegs, crop_scale)
     dev = torch.cat(_device_path(batches, device)).cpu()
-    psnrs, mads, identical = [], [], 0
-    for a, b in zip(cpu, dev):
-        a, b = a.double(), b.double()
-        mse = float(((a - b) ** 2).mean())
-        mads.append(float((a - b).abs().mean()))
-        if mse == 0:
-            identical += 1
-        else:
-            psnrs.append(10 * math.log10(255 ** 2 / mse))
     return {
         "throughput": {name: {"median": statistics.median(v), "runs": v} for name, v in runs.items()},
         "ratio": statistics.median(d / w for d, w in zip(runs["device"], runs["workers"])),
-        "quality": {"psnr_db": statistics.mean(psnrs) if psnrs else None, "psnr_min_db": min(psnrs) if psnrs else None,
-                    "identical_images": identical, "mean_abs_diff": statistics.mean(mads)},
+        "quality": image_agreement(zip(cpu, dev)),
         "device_rows": int(sum(int(b["decode_mask"].sum()) for b in batches)),
     }
 
@@ -566,18 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "command": " ".join(["python", "tools/benchmark_data.py", *(sys.argv[1:] if argv is None
                                                                                       else argv)])},
                "environment": _environment(), "sizes": []}
-    with tempfile.TemporaryDirectory(prefix="clipalign-bench-") as tmp:
-        cache = args.cache if args.cache is not None else Path(tmp)
-        cache.mkdir(parents=True, exist_ok=True)
-        for size in args.sizes:
-            results["sizes"].append(benchmark_size(size, args, cache, tokenizer))
-            print(f"stored {size} px done", file=sys.stderr, flush=True)
-    results["environment"]["loadavg_end"] = list(os.getloadavg())
-    print(format_table(results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return _run_sizes(args, results, lambda size, cache: benchmark_size(size, args, cache, tokenizer), format_table)
 
 
 def _decode_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
@@ -590,14 +575,20 @@ def _decode_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
                           "command": " ".join(["python", "tools/benchmark_data.py", *(sys.argv[1:] if argv is None
                                                                                       else argv)])},
                "environment": environment, "sizes": []}
+    return _run_sizes(args, results, lambda size, cache: decode_benchmark_size(size, args, cache), format_decode_table)
+
+
+def _run_sizes(args: argparse.Namespace, results: dict, measure: Callable[[int, Path], dict],
+               table: Callable[[dict], str]) -> dict:
+    """Measure every stored size (shards in `--cache`, else a temporary folder), print the table, write the JSON."""
     with tempfile.TemporaryDirectory(prefix="clipalign-bench-") as tmp:
         cache = args.cache if args.cache is not None else Path(tmp)
         cache.mkdir(parents=True, exist_ok=True)
         for size in args.sizes:
-            results["sizes"].append(decode_benchmark_size(size, args, cache))
+            results["sizes"].append(measure(size, cache))
             print(f"stored {size} px done", file=sys.stderr, flush=True)
     results["environment"]["loadavg_end"] = list(os.getloadavg())
-    print(format_decode_table(results))
+    print(table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
