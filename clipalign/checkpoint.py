@@ -2,22 +2,43 @@
 
 A checkpoint is `RUN/checkpoints/step_XXXXXXXX/` holding Accelerate's state (model, optimizer, scheduler, RNG
 states), the resolved config and the trainer state (file names in `clipalign.layout`). It is written under a
-temporary name and renamed into place only when complete, so a crash during the save never leaves a directory that
-looks like a checkpoint.
+temporary name (unique to the saving process) and renamed into place only when complete, so a crash during the save
+never leaves a directory that looks like a checkpoint.
 """
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from clipalign.layout import CHECKPOINTS_DIR, RUN_CONFIG_FILE, TRAINER_STATE_FILE, checkpoint_dir, checkpoint_step
+import numpy as np
+import torch
+from accelerate.utils import RNG_STATE_NAME, broadcast_object_list
+
+from clipalign.config import ConfigError
+from clipalign.layout import (
+    CHECKPOINTS_DIR,
+    RUN_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    checkpoint_dir,
+    checkpoint_step,
+    temp_name,
+    write_atomic,
+)
 from clipalign.layout import checkpoint_name as checkpoint_name  # re-exported: it lived here
 
 STATE_FILE = TRAINER_STATE_FILE  # this module's old name for it, kept for callers
+_TMP_CHECKPOINT = re.compile(r"^\.(step_\d{8,})\.tmp-(\d+)-[0-9a-f]+$")  # layout.temp_name of a checkpoint
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint given to resume from cannot be restored whole (a bad `train.resume`, reported like one)."""
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -50,6 +71,37 @@ def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(ckpt) / TRAINER_STATE_FILE).read_text())
 
 
+def rng_state_file(ckpt: str | os.PathLike, process_index: int) -> Path:
+    """The file holding process `process_index`'s RNG states in a checkpoint (Accelerate's name for it)."""
+    return Path(ckpt) / f"{RNG_STATE_NAME}_{process_index}.pkl"
+
+
+def rng_restore_error(ckpt: str | os.PathLike, process_index: int) -> str | None:
+    """Why this process's RNG state was not restored from `ckpt` by `load_state`, or None when it was.
+
+    Accelerate catches any failure to load the RNG states and logs it at info level only; this reads the file again
+    (weights_only) and compares torch's CPU generator with it. Call it right after `load_state`, before drawing.
+    """
+    path = rng_state_file(ckpt, process_index)
+    if not path.is_file():
+        return f"{path} is missing: the checkpoint holds no RNG state for process {process_index}"
+    try:
+        with torch.serialization.safe_globals(_RNG_SAFE_GLOBALS):
+            states = torch.load(path, map_location="cpu", weights_only=True)
+        saved = states["torch_manual_seed"]
+    except Exception as e:  # noqa: BLE001 -- any unreadable file is the same verdict, named with its cause
+        return f"{path} cannot be read as an RNG state file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if not torch.equal(torch.get_rng_state(), saved):
+        return (f"{path} was not restored by accelerate's load_state (it logs such failures at info level only); "
+                f"accelerate>=1.1.0 loads it under torch>=2.6")
+    return None
+
+
+_NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
+# what Accelerate's RNG state file pickles besides tensors: numpy's generator state and Python's bytes
+_RNG_SAFE_GLOBALS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), codecs.encode]
+
+
 def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, config, state: dict[str, Any],
                     keep: int = 0, files: dict[str, bytes] | None = None) -> Path:
     """Save Accelerate state + config + trainer state atomically; every process must call this.
@@ -64,23 +116,58 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, config, 
         files: more files to write into the checkpoint, name -> contents (e.g. the tokenizer model).
     """
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        _remove_dead_saves(final.parent)
+        tmp = temp_name(final)  # unique: two saves into one run directory never share it
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        tmp = broadcast_object_list([tmp])[0]  # every process saves its part into the main process's directory
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         config.save(tmp / RUN_CONFIG_FILE)
-        (tmp / TRAINER_STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        write_atomic(tmp / TRAINER_STATE_FILE, json.dumps({"step": step, **state}, indent=2))
         for name, contents in (files or {}).items():
-            (tmp / name).write_bytes(contents)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            write_atomic(tmp / name, contents)
+        _publish(tmp, final)
         if keep > 0:
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a complete save over `final`, replacing an older save of the same step (another writer's too)."""
+    for _ in range(3):
+        shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # else another save of this step just landed
+                raise
+    os.replace(tmp, final)
+
+
+def _remove_dead_saves(root: Path) -> None:
+    """Remove temporary checkpoint directories left by saves whose process has died (a crash during a save)."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        match = _TMP_CHECKPOINT.match(path.name)
+        if match and not _alive(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process saves one checkpoint at a time: a leftover of its own is from a failed save
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True

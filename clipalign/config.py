@@ -1,12 +1,16 @@
 """Typed configuration of a run: dataclass defaults, then a YAML recipe, then `section.key=value` overrides.
 
 Strict by design: an unknown section or key, or a value of the wrong type, is an error that names the key and
-lists the valid ones. The resolved config is written to the run directory as `config.yaml`.
+lists the valid ones; a number outside its key's range is an error that names the key, the value and the range. Each
+field's help line and range live in its metadata (`_key`), which `clipalign-train --help` lists (`describe_keys`).
+The resolved config is written to the run directory as `config.yaml`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -21,100 +25,176 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the config schema."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """An interval of valid values for a numeric key; `high=None` is unbounded above."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Range:
+        """`>= 1`, `> 0`, or interval notation such as `[0, 1)`, `(0, 1]`."""
+        spec = spec.strip()
+        if spec.startswith(">"):
+            op, low = spec.split(maxsplit=1)
+            return cls(_number(low), low_open=op == ">")
+        low, high = spec[1:-1].split(",")
+        return cls(_number(low), _number(high), low_open=spec[0] == "(", high_open=spec[-1] == ")")
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False  # inf and nan are nobody's learning rate, batch size or ratio
+        above = value > self.low if self.low_open else value >= self.low
+        if self.high is None:
+            return above
+        return above and (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+def _number(text: str) -> float:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _key(default: Any, doc: str, valid: str | None = None) -> Any:
+    """A config field: its default, one line of help (`clipalign-train --help`), and, for numbers, the valid range.
+
+    The range of a list applies to each of its entries.
+    """
+    metadata = {"help": doc}
+    if valid is not None:
+        metadata["range"] = Range.parse(valid)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# Every int and float key (and list of numbers) carries its valid range; 0 means "off", "auto" or "unknown" where its
+# help says so. A test walks these dataclasses, so a numeric key without a range fails it.
 @dataclass
 class DataConfig:
-    train: str = ""  # shard pattern(s), e.g. "/data/cc3m/{00000..00331}.tar"; "::" separates sources
-    batch_size: int = 256  # per process
-    workers: int = 4  # DataLoader workers per process
-    shuffle_buffer: int = 1000  # samples held for shuffling, per worker
-    weights: list[float] = field(default_factory=list)  # sampling weight per `::` source (resampled); [] = equal
-    resampled: bool = True  # draw shards with replacement (an endless stream); False = exact passes over the shards
-    num_samples: int = 0  # samples in one pass over data.train, to log epochs; 0 = unknown
-    log_keys: bool = False  # write the sample keys of every step to RUN/keys/rank<R>.jsonl (an audit of data order)
-    train_crop_scale: float = 0.9  # RandomResizedCrop lower scale bound (open_clip's default); 1.0 = resize + crop
-    decode: str = "auto"  # where JPEGs are decoded: workers (PIL) | device (training device) | auto (device on CUDA)
-    synthetic: bool = False  # draw a synthetic captioned data set into the cache when `train` is empty
-    synthetic_samples: int = 12000  # training samples of the synthetic set
-    cache_dir: str = ""  # where generated data lives; default $CLIPALIGN_CACHE or ~/.cache/clipalign
+    train: str = _key("", 'shard pattern(s), e.g. "/data/cc3m/{00000..00331}.tar"; "::" separates sources')
+    batch_size: int = _key(256, "samples per process per step (global batch = this x processes)", ">= 1")
+    workers: int = _key(4, "DataLoader workers per process; 0 = load in the training process", ">= 0")
+    shuffle_buffer: int = _key(1000, "samples held for shuffling, per worker; 0 or 1 = no shuffling", ">= 0")
+    weights: list[float] = _key([], "sampling weight per `::` source (resampled); [] = equal", ">= 0")
+    resampled: bool = _key(True, "draw shards with replacement (an endless stream); false = exact passes over the "
+                                 "shards")
+    num_samples: int = _key(0, "samples in one pass over data.train, to log epochs; 0 = unknown", ">= 0")
+    log_keys: bool = _key(False, "write the sample keys of every step to RUN/keys/rank<R>.jsonl (an audit of data "
+                                 "order)")
+    train_crop_scale: float = _key(0.9, "RandomResizedCrop lower scale bound (open_clip's); 1.0 = resize + crop",
+                                   "(0, 1]")
+    decode: str = _key("auto", "where JPEGs are decoded: workers (PIL) | device (training device) | auto (device on "
+                               "CUDA)")
+    max_image_pixels: int = _key(89_478_485, "images with more pixels are skipped as bad_image before decoding; 0 = no "
+                                             "limit", ">= 0")
+    synthetic: bool = _key(False, "draw a synthetic captioned data set into the cache when `train` is empty")
+    synthetic_samples: int = _key(12000, "training samples of the synthetic set", ">= 1")
+    cache_dir: str = _key("", "where generated data lives; default $CLIPALIGN_CACHE or ~/.cache/clipalign")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "ViT-B-32"  # an open_clip model config name, built-in or shipped in clipalign/model_configs
-    embed_dim: int = 0  # shared embedding width; 0 = the config's
-    vision_cfg: dict = field(default_factory=dict)  # merged over the config's vision_cfg (timm_model_name, ...)
-    text_cfg: dict = field(default_factory=dict)  # merged over the config's text_cfg (width, layers, heads, ...)
-    tokenizer: str = ""  # "" = the config's (open_clip BPE); or a SentencePiece .model file
-    patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped in training (ViT towers); 0 = off
-    pretrained: str = ""  # start from weights: an open_clip pretrained tag (downloads) or a local weights file
-    pretrained_image: bool = False  # timm image tower: start from timm's pretrained weights (downloads)
-    lock_image: bool = False  # LiT: freeze the image tower (train the text tower and the temperature)
-    lock_image_unlocked_groups: int = 0  # with lock_image: leave the last N layer groups trainable
-    lock_image_freeze_bn_stats: bool = False  # with lock_image: also freeze BatchNorm statistics (conv towers)
-    grad_checkpointing: bool = False
+    name: str = _key("ViT-B-32", "an open_clip model config name, built-in or shipped in clipalign/model_configs")
+    embed_dim: int = _key(0, "shared embedding width; 0 = the config's", ">= 0")
+    vision_cfg: dict = _key({}, "merged over the config's vision_cfg (timm_model_name, ...)")
+    text_cfg: dict = _key({}, "merged over the config's text_cfg (width, layers, heads, ...)")
+    tokenizer: str = _key("", '"" = the config\'s (open_clip BPE); or a SentencePiece .model file')
+    patch_dropout: float = _key(0.0, "FLIP: fraction of image patches dropped in training (ViT towers); 0 = off",
+                                "[0, 1)")
+    pretrained: str = _key("", "start from weights: an open_clip pretrained tag (downloads) or a local weights file")
+    pretrained_image: bool = _key(False, "timm image tower: start from timm's pretrained weights (downloads)")
+    lock_image: bool = _key(False, "LiT: freeze the image tower (train the text tower and the temperature)")
+    lock_image_unlocked_groups: int = _key(0, "with lock_image: leave the last N layer groups trainable", ">= 0")
+    lock_image_freeze_bn_stats: bool = _key(False, "with lock_image: also freeze BatchNorm statistics (conv towers)")
+    grad_checkpointing: bool = _key(False, "recompute tower activations in backward to save memory")
 
 
 @dataclass
 class LossConfig:
-    kind: str = "contrastive"  # contrastive (InfoNCE) | sigmoid (SigLIP); never inferred from the model name
-    mode: str = "local"  # contrastive: dense | local | tiled
-    tile_size: int = 0  # tiled, pure-torch path: columns of the similarity matrix held at once; 0 = from a budget
-    tiled_kernel: str = "auto"  # tiled: auto (fused Triton kernels on CUDA when triton imports) | torch | triton
-    label_smoothing: float = 0.0  # contrastive only
-    exchange: str = "ring"  # sigmoid: how negatives of other processes arrive, ring (neighbour to neighbour) | gather
+    kind: str = _key("contrastive", "contrastive (InfoNCE) | sigmoid (SigLIP); never inferred from the model name")
+    mode: str = _key("local", "contrastive: dense | local | tiled")
+    tile_size: int = _key(0, "tiled, pure-torch path: columns of the similarity matrix held at once; 0 = from a budget",
+                          ">= 0")
+    tiled_kernel: str = _key("auto", "tiled: auto (fused Triton kernels on CUDA when triton imports) | torch | triton")
+    label_smoothing: float = _key(0.0, "contrastive only: label smoothing of the cross-entropies", "[0, 1)")
+    exchange: str = _key("ring", "sigmoid: how negatives of other processes arrive, ring (neighbour to neighbour) | "
+                                 "gather")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    warmup_steps: int = 2000
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    fused: bool = True  # AdamW's fused kernel (one kernel for all parameters; CPU and CUDA); false = per-tensor loop
+    lr: float = _key(5e-4, "peak learning rate of AdamW (0 leaves the weights as they are)", ">= 0")
+    weight_decay: float = _key(0.2, "AdamW decay of weight matrices (gains, biases, norms, logit scale get none)",
+                               ">= 0")
+    beta1: float = _key(0.9, "AdamW beta1", "[0, 1)")
+    beta2: float = _key(0.98, "AdamW beta2", "[0, 1)")
+    eps: float = _key(1e-6, "AdamW epsilon", "> 0")
+    warmup_steps: int = _key(2000, "linear warmup steps, then cosine decay to lr * min_lr_ratio at train.steps",
+                             ">= 0")
+    min_lr_ratio: float = _key(0.0, "cosine decays to lr * min_lr_ratio", "[0, 1]")
+    grad_clip: float = _key(0.0, "max gradient norm; 0 = off", ">= 0")
+    fused: bool = _key(True, "AdamW's fused kernel (one kernel for all parameters; CPU and CUDA); false = per-tensor "
+                             "loop")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 10000
-    precision: str = "bf16"  # fp32 | bf16 | fp16
-    seed: int = 0
-    output_dir: str = "runs/clipalign"
-    resume: str = ""  # checkpoint directory, or "auto" for the latest one in output_dir/checkpoints
-    accum_steps: int = 1
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2
-    log_with: str = "tensorboard"  # an Accelerate tracker name, or "none"
-    max_nonfinite: int = 10  # stop after more than this many steps in a row with a non-finite loss (each is skipped)
-    peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0 = look up known GPUs (bf16/fp16 dense)
-    cpu_threads: int = 0  # torch threads per process on CPU; 0 = the available cores / processes on this machine
-    compile: bool = False  # torch.compile the towers (see compile_scope)
-    compile_scope: str = "blocks"  # what train.compile compiles: blocks (each transformer block) | model (the forward)
-    patch_embed: str = "auto"  # image patch embedding: auto (a matmul on CUDA, else the conv) | conv | matmul
-    channels_last: bool = False  # image tower weights and inputs in channels-last memory format (conv towers, GPU)
-    trim_text: bool = True  # cut each batch's token ids after its longest caption (causal EOT-pooled text towers)
-    attention: str = "auto"  # attention kernels: auto | torch | math | flash | efficient | cudnn (see training.md)
+    steps: int = _key(10000, "optimizer steps (the run counts steps and samples, not epochs)", ">= 1")
+    precision: str = _key("bf16", "fp32 | bf16 | fp16")
+    # numpy (seeded by Accelerate's set_seed) takes only 32-bit unsigned seeds
+    seed: int = _key(0, "model init and data order; each process and worker derives its own", "[0, 4294967295]")
+    output_dir: str = _key("runs/clipalign", "the run directory")
+    resume: str = _key("", 'checkpoint directory, or "auto" for the latest one in output_dir/checkpoints')
+    accum_steps: int = _key(1, "micro-batches per optimizer step, scored together", ">= 1")
+    log_every: int = _key(10, "steps between metric lines", ">= 1")
+    checkpoint_every: int = _key(0, "steps between checkpoints; 0 = only at the end", ">= 0")
+    keep_checkpoints: int = _key(2, "the newest checkpoints kept; 0 = keep all", ">= 0")
+    log_with: str = _key("tensorboard", 'an Accelerate tracker name, or "none"')
+    max_nonfinite: int = _key(10, "stop after more than this many steps in a row with a non-finite loss (each is "
+                                  "skipped); 0 = stop at the first", ">= 0")
+    peak_tflops: float = _key(0.0, "per-device peak for the MFU estimate; 0 = look up known GPUs (bf16/fp16 dense)",
+                              ">= 0")
+    cpu_threads: int = _key(0, "torch threads per process on CPU; 0 = the available cores / processes on this machine",
+                            ">= 0")
+    compile: bool = _key(False, "torch.compile the towers (see compile_scope)")
+    compile_scope: str = _key("blocks", "what train.compile compiles: blocks (each transformer block) | model (the "
+                                        "forward)")
+    patch_embed: str = _key("auto", "image patch embedding: auto (a matmul on CUDA, else the conv) | conv | matmul")
+    channels_last: bool = _key(False, "image tower weights and inputs in channels-last memory format (conv towers, "
+                                      "GPU)")
+    trim_text: bool = _key(True, "cut each batch's token ids after its longest caption (causal EOT-pooled text towers)")
+    attention: str = _key("auto", "attention kernels: auto | torch | math | flash | efficient | cudnn (see "
+                                  "training.md)")
 
 
 @dataclass
 class EvalConfig:
-    zeroshot: str = ""  # ImageFolder, labelled shards or CSV to score zero-shot at the end (and every `every` steps)
-    retrieval: str = ""  # CSV of (filepath, caption) rows, or captioned shards, for image-text retrieval
-    every: int = 0  # steps between zero-shot evaluations during training; 0 = only at the end
-    classnames: str = ""  # file with one class name per line, or cifar10 | cifar100 | imagenet1k (built in)
-    templates: str = ""  # file with one prompt template per line ("{}" for the class name), or a built-in set
-    batch_size: int = 128
-    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast of the towers during evaluation
+    zeroshot: str = _key("", "ImageFolder, labelled shards or CSV to score zero-shot at the end (and every `every` "
+                             "steps)")
+    retrieval: str = _key("", "CSV of (filepath, caption) rows, or captioned shards, for image-text retrieval")
+    every: int = _key(0, "steps between zero-shot evaluations during training; 0 = only at the end", ">= 0")
+    classnames: str = _key("", "file with one class name per line, or cifar10 | cifar100 | imagenet1k (built in)")
+    templates: str = _key("", 'file with one prompt template per line ("{}" for the class name), or a built-in set')
+    batch_size: int = _key(128, "images (and prompts) per evaluation forward pass", ">= 1")
+    precision: str = _key("fp32", "fp32 | bf16 | fp16 autocast of the towers during evaluation")
 
 
 @dataclass
 class ExportConfig:
-    dir: str = ""  # export the trained encoders here at the end of training; "" = no export
-    onnx: bool = False
+    dir: str = _key("", 'export the trained encoders here at the end of training; "" = no export')
+    onnx: bool = _key(False, "also write ONNX encoders")
 
 
 @dataclass
@@ -132,11 +212,9 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (atomically, so a reader never sees half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        from clipalign.layout import write_atomic  # imported here: layout sits below config and imports nothing
+
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # The loss choices (clipalign.loss validates its arguments against the same tuples)
@@ -222,7 +300,50 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
     choices = _CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+    valid = _fields(type(sub))[key].metadata.get("range")
+    if valid is not None:
+        _check_range(source, f"{section}.{key}", value, valid)
     setattr(sub, key, value)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _check_range(source: str, name: str, value: Any, valid: Range) -> None:
+    """Raise a ConfigError naming the key, the value and the range unless `value` (each entry of a list) is in it."""
+    values = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+    for i, v in values:
+        if v not in valid:
+            finite = " a finite number" if isinstance(v, float) and not math.isfinite(v) else ""
+            raise ConfigError(f"{source}: {name}{'' if i is None else f'[{i}]'} must be{finite} {valid}, got {v!r}")
+    if isinstance(value, list) and value and not any(value):
+        # data.weights: all-zero weights give no distribution to draw from (random.choices raises in every worker)
+        raise ConfigError(f"{source}: {name} needs at least one entry > 0, got {value!r}")
+
+
+def describe_keys() -> str:
+    """Every recipe key, grouped by section, as `section.key=DEFAULT  help; must be RANGE` lines.
+
+    Each default is written as YAML, so it can be pasted back as an override.
+    """
+    lines = []
+    for section in dataclasses.fields(Config):
+        rows = []
+        for f in dataclasses.fields(section.default_factory):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            valid = f.metadata.get("range")
+            rows.append((f"{section.name}.{f.name}={_yaml_scalar(default)}",
+                         f.metadata.get("help", "") + (f"; must be {valid}" if valid else "")))
+        width = max(len(name) for name, _ in rows)
+        lines += [f"{section.name}:"] + [f"  {name:<{width}}  {doc}" for name, doc in rows] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    """`value` as one line of YAML (what an override would say): '', [], {}, true, 0.0005."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+    return text.removesuffix("...").strip()
 
 
 def _apply_mapping(cfg: Config, mapping: Any, source: str) -> None:

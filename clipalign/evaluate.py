@@ -48,6 +48,7 @@ from clipalign.data.sample import (
     folder_classnames,
     resolve_lines,
 )
+from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
 from clipalign.tokenizer import tokenize
 
 DEFAULT_TEMPLATES = (
@@ -94,7 +95,8 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
                              templates: Sequence[str] | None = None, batch_size: int = 128, workers: int = 0,
                              device: str | torch.device | None = None, progress: bool = True,
                              confusion: bool = False, label_key: str = "cls", csv_img_key: str = "filepath",
-                             csv_label_key: str = "label", precision: str = "fp32") -> dict[str, Any]:
+                             csv_label_key: str = "label", precision: str = "fp32",
+                             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Zero-shot accuracy of `model` on an ImageFolder, WebDataset shards with labels, or a CSV of labelled images.
 
     `data` is read by its form (see `clipalign.data.eval_sets.source_kind`): a folder is an ImageFolder (one
@@ -118,10 +120,13 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
         confusion: also return the confusion matrix.
         label_key, csv_img_key, csv_label_key: where shards and CSVs keep labels and image paths.
         precision: "fp32", or "bf16"/"fp16" autocast for both towers (features are compared in fp32).
+        max_image_pixels: images with more pixels (header size) are skipped as `bad_image`, never decoded; 0: no
+            limit.
 
     Returns:
         `top1`, `top5` (with 5 classes or more), `mean_per_class_recall`, `num_images`, `num_classes`, `chance`,
-        `per_class_top1` (class name -> top-1 accuracy of its images), for shards `skipped` (reason -> count) and,
+        `per_class_top1` (class name -> top-1 accuracy of its images), `skipped` (reason -> count; for shards always,
+        for folders and CSVs when an image was skipped) and,
         with `confusion`, `confusion_matrix` (rows: true class, columns: predicted class, counts; in class order)
         with `classnames`.
     """
@@ -131,7 +136,7 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
         folder = _image_folder(Path(data))
         classnames = folder_classnames(folder.root, folder.classes, classnames)
         paths, labels = zip(*folder.samples)
-        dataset: Any = ImagePaths(paths, labels, transform)
+        dataset: Any = ImagePaths(paths, labels, transform, max_image_pixels)
     else:
         if classnames is None:
             classnames = sidecar_lines(data, [CLASSNAMES_FILE])
@@ -142,9 +147,9 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
         classnames = list(classnames)
         if kind == "csv":
             paths, labels = read_labelled_csv(data, classnames, csv_img_key, csv_label_key)
-            dataset = ImagePaths(paths, labels, transform)
+            dataset = ImagePaths(paths, labels, transform, max_image_pixels)
         else:
-            dataset = ShardSamples(str(data), transform, label_reader(label_key, classnames))
+            dataset = ShardSamples(str(data), transform, label_reader(label_key, classnames), max_image_pixels)
     if templates is None:
         templates = sidecar_lines(data, TEMPLATE_FILES) or list(DEFAULT_TEMPLATES)
     with _evaluating(model, device) as device, _autocast(device, precision):
@@ -164,7 +169,7 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
     present = matrix.sum(dim=1) > 0
     result["per_class_top1"] = {name: acc for name, acc, seen in zip(classnames, per_class.tolist(), present.tolist())
                                 if seen}
-    if kind == "shards":
+    if kind == "shards" or skipped:
         result["skipped"] = dict(skipped)
     if confusion:
         result.update(classnames=classnames, confusion_matrix=matrix.tolist())
@@ -237,7 +242,8 @@ def _metrics(ranked: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
 def zero_shot_retrieval(model, data: str | os.PathLike, image_key: str = "filepath",
                         caption_key: str = "caption", batch_size: int = 128, workers: int = 0,
                         device: str | torch.device | None = None, progress: bool = True,
-                        ks: Sequence[int] = (1, 5, 10), precision: str = "fp32") -> dict[str, Any]:
+                        ks: Sequence[int] = (1, 5, 10), precision: str = "fp32",
+                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Image-to-text and text-to-image recall@k of `model` on a captioned image set, counted as clip_benchmark does.
 
     `data` is a CSV/TSV with one row per (image, caption) pair (an image with several captions has several rows),
@@ -245,22 +251,24 @@ def zero_shot_retrieval(model, data: str | os.PathLike, image_key: str = "filepa
     Every image is ranked against every caption by cosine similarity. Text-to-image: a caption scores a hit at k when
     its own image is among the k most similar images. Image-to-text: an image scores a hit at k when any one of its
     captions is among the k most similar captions. Recall@k is the mean of the hits, over captions and over images.
+    An image over `max_image_pixels` (0: no limit) is skipped unread, and its captions with it.
 
     Returns:
         `image_retrieval_recall@k` (text to image), `text_retrieval_recall@k` (image to text) for each k,
-        `num_images`, `num_texts`, the chance level of each recall@1, and for shards `skipped` (reason -> count).
+        `num_images`, `num_texts`, the chance level of each recall@1, and `skipped` (reason -> count; for shards
+        always, for CSVs when an image was skipped).
     """
     transform = _preprocess_of(model)
     shards = source_kind(data) == "shards"
     if shards:
-        dataset: Any = ShardSamples(str(data), transform, every_caption)
+        dataset: Any = ShardSamples(str(data), transform, every_caption, max_image_pixels)
         captions, owners = [], []
     else:
         paths, captions, owners = read_retrieval_csv(data, image_key, caption_key)
-        dataset = ImagePaths(paths, range(len(paths)), transform)
+        dataset = ImagePaths(paths, range(len(paths)), transform, max_image_pixels)
     skipped: Counter = Counter()
     with _evaluating(model, device) as device, _autocast(device, precision):
-        images, num_images = [], 0
+        images, num_images, kept = [], 0, []
         for batch, targets in _batches(dataset, batch_size, workers, device, progress, "retrieval", skipped):
             images.append(model.encode_image(batch, normalize=True).float().cpu())
             if shards:  # each target is the list of that image's captions
@@ -268,14 +276,20 @@ def zero_shot_retrieval(model, data: str | os.PathLike, image_key: str = "filepa
                     captions.extend(image_captions)
                     owners.extend([num_images] * len(image_captions))
                     num_images += 1
+            else:  # each target is the image's row index in the CSV's image list
+                kept.extend(targets)
         if not images:
             raise ValueError(f"no usable images in {data} (skipped: {dict(skipped) or 'none'})")
+        if not shards and len(kept) < len(paths):  # skipped images take their captions with them
+            index = {old: new for new, old in enumerate(kept)}
+            pairs = [(caption, index[owner]) for caption, owner in zip(captions, owners) if owner in index]
+            captions, owners = [caption for caption, _ in pairs], [owner for _, owner in pairs]
         texts = []
         for start in range(0, len(captions), batch_size):
             ids = tokenize(model.tokenizer, captions[start:start + batch_size]).to(device)
             texts.append(model.encode_text(ids, normalize=True).float().cpu())
     result = retrieval_metrics(torch.cat(texts) @ torch.cat(images).T, torch.tensor(owners), ks)
-    if shards:
+    if shards or skipped:
         result["skipped"] = dict(skipped)
     return result
 
@@ -339,6 +353,17 @@ def _preprocess_of(model):
     return eval_preprocess(model)
 
 
+def _pixel_limit(text: str) -> int:
+    """argparse type of --max-image-pixels: an integer >= 0 (underscores allowed, as in 89_478_485)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {value}")
+    return value
+
+
 def _print_table(result: dict[str, Any], title: str) -> None:
     print(title)
     for key, value in result.items():
@@ -374,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="autocast precision of the towers (bf16 on GPUs halves the time)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--max-image-pixels", type=_pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                        help=f"skip (and count as bad_image) images with more pixels than this, read from their "
+                             f"header before decoding; 0 = no limit (default: {DEFAULT_MAX_IMAGE_PIXELS}, Pillow's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help="write the results here as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -392,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             templates=resolve_lines(temps, "templates") if (temps := args.templates or args.dataset) else None,
             batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
             confusion=args.confusion or bool(args.confusion_png), label_key=args.label_key,
-            csv_img_key=args.csv_img_key, csv_label_key=args.csv_label_key, precision=args.precision)
+            csv_img_key=args.csv_img_key, csv_label_key=args.csv_label_key, precision=args.precision,
+            max_image_pixels=args.max_image_pixels)
         if args.confusion_png:
             png = plot_confusion(result["classnames"], result["confusion_matrix"], args.confusion_png)
             print(f"confusion matrix: {png}")
@@ -404,13 +433,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.retrieval:
         result = zero_shot_retrieval(model, args.retrieval, args.csv_img_key, args.csv_caption_key,
                                      batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
-                                     precision=args.precision)
+                                     precision=args.precision, max_image_pixels=args.max_image_pixels)
         _print_table(result, f"zero-shot retrieval on {args.retrieval}")
         out["retrieval"] = {"data": str(args.retrieval), **result}
     if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
+        from clipalign.layout import write_atomic  # atomic: a crash or Ctrl-C never leaves half a results file
+
+        write_atomic(args.output, json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

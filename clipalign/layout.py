@@ -7,6 +7,7 @@ A run directory (`train.output_dir`):
     summary.json                  SUMMARY_FILE             the end of the run: steps, samples, skips, results
     keys/rankN.jsonl              keys_file()              with data.log_keys: each step's sample keys, per process
     curves.png                    CURVES_FILE              clipalign-plot's default output
+    run.lock                      RUN_LOCK_FILE            locked by the live run's main process: one run at a time
     checkpoints/step_XXXXXXXX/    checkpoint_dir()         a checkpoint, holding
       model.safetensors           CHECKPOINT_WEIGHTS_FILE  the model's weights, as Accelerate's save_state names them
       ...                                                  the rest of Accelerate's state (optimizer, scheduler, RNG)
@@ -29,13 +30,21 @@ An export directory (`clipalign-export`; open_clip loads it as `local-dir:DIR`):
 
 Nothing here imports model code, so every module can take its names from here (model.py reads exports, export.py
 writes them); safetensors, and torch with it, is imported only by the functions that read or write weights.
+
+Every file clipalign writes under its final name goes through `atomic_path` / `write_atomic`: a crash leaves the old
+file or the new one, never half of one, and two writers of one file never share a temporary name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +57,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 KEYS_DIR = "keys"
 CURVES_FILE = "curves.png"
+RUN_LOCK_FILE = "run.lock"
 CHECKPOINTS_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})$")
 
@@ -68,6 +78,139 @@ IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
 _TOWER_FILES = {"image": (IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_WEIGHTS),
                 "text": (TEXT_ENCODER_CONFIG, TEXT_ENCODER_WEIGHTS)}
+
+
+# ---- atomic writes -----------------------------------------------------------------------------------------------
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """A hidden name beside `path`, unique to this process and call: `.NAME.tmp-PID-RANDOM`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path to write `path`'s new content to; renamed over `path` when the block ends without error.
+
+    For writers that take a file name (savefig, safetensors, tar writers). The file is fsynced before the rename and
+    the directory after it, so after a crash `path` holds the old content or the new, never part of it. On an error
+    the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        commit_temp(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def commit_temp(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a complete temporary file (from `temp_name`) over `path`, durably: fsync, rename, fsync the folder."""
+    _fsync_file(Path(tmp))
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes, encoding: str = "utf-8") -> Path:
+    """Write `data` (text or bytes) to `path` atomically (see `atomic_path`); returns the path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode(encoding) if isinstance(data, str) else data)
+    return Path(path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable; best effort, as some filesystems cannot open or sync a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- run directory lock -----------------------------------------------------------------------------------------
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """The lock of a run directory, held until `release()`, the next `lock_run_dir` of it here, or the process's end.
+
+    A POSIX record lock (`fcntl.lockf`) on `RUN/run.lock`: the OS drops it when the process dies, so a killed run
+    leaves no stale lock. Not `flock`: an flock is shared with forked children (DataLoader workers), which outlive a
+    killed main process for a while and would keep the directory locked. A POSIX lock is also dropped when this
+    process closes any descriptor of the lock file, so nothing else in the run opens it.
+    """
+
+    def __init__(self, run_dir: Path, fd: int):
+        self.run_dir, self._fd = run_dir, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the lock
+            self._fd = None
+        if _HELD.get(self.run_dir) is self:
+            del _HELD[self.run_dir]
+
+
+_HELD: dict[Path, RunLock] = {}  # run directory (resolved) -> this process's lock on it
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> RunLock:
+    """Lock `run_dir` (created if missing) for this process's run; only a run's main process calls this.
+
+    Raises:
+        RunDirBusy: another live process holds it; the message names the directory and that process's id.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    if key in _HELD:
+        # an earlier run of this process that did not release it: runs in one process follow each other, so it is
+        # over. Released before the new descriptor opens: closing any descriptor of the file drops a POSIX lock
+        _HELD[key].release()
+    path = run_dir / RUN_LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            raise
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirBusy(f"{run_dir} is in use by another run (pid {holder}, lock {path}); wait for it to end or "
+                         f"choose another train.output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    lock = _HELD[key] = RunLock(key, fd)  # kept here, so the lock lives until released even if the caller drops it
+    return lock
+
+
+def release_run_dir(run_dir: str | os.PathLike) -> None:
+    """Release this process's lock on `run_dir`, if it holds one."""
+    lock = _HELD.get(Path(run_dir).resolve())
+    if lock is not None:
+        lock.release()
 
 
 # ---- run and checkpoint directories -----------------------------------------------------------------------------
@@ -143,14 +286,15 @@ def read_tower(path: str | os.PathLike, tower: str) -> tuple[dict[str, Any], dic
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """A config file of an export directory: indented JSON with a final newline."""
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
     """A safetensors file of an export directory, with the metadata open_clip's loader expects."""
     from safetensors.torch import save_file
 
-    save_file(_standalone(state_dict), str(path), metadata={"format": "pt"})
+    with atomic_path(path) as tmp:
+        save_file(_standalone(state_dict), str(tmp), metadata={"format": "pt"})
 
 
 def _standalone(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from clipalign.layout import CURVES_FILE, METRICS_FILE
+from clipalign.layout import CURVES_FILE, METRICS_FILE, atomic_path
 
 # (metrics key, panel title); a panel is drawn when some run logged the key
 TRAIN_PANELS = [
@@ -83,9 +83,11 @@ def pyplot(what: str = "clipalign-plot"):
 def save_figure(fig, path: str | Path) -> Path:
     """Write `fig` as a PNG at `path` (creating its folder) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")  # the format by name: the temporary name has no .png suffix
+    finally:
+        pyplot().close(fig)
     return path
 
 

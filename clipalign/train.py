@@ -31,7 +31,7 @@ from clipalign.data.device_decode import device_images, resolve_decode
 from clipalign.data.sample import STREAM_SKIP_REASONS as SKIP_REASONS  # one list, in clipalign.data.sample
 from clipalign.data.shards import expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
-from clipalign.layout import METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, TOKENIZER_FILE, keys_file
+from clipalign.layout import METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, TOKENIZER_FILE, keys_file, release_run_dir
 from clipalign.loss import build_loss
 from clipalign.model import compile_blocks, create_model, trim_padding, use_matmul_patch_embed
 from clipalign.tokenizer import SentencePieceTokenizer, Tokenizer
@@ -280,6 +280,7 @@ def train(cfg: Config) -> dict:
     finally:
         # closes the process group: a gloo process that exits with it open aborts the whole launch
         accelerator.end_training()
+        release_run_dir(run_dir)  # the run directory's lock, if _train took it
 
 
 def _refuse_sharded_strategies() -> None:
@@ -325,8 +326,23 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     # ---- data ---------------------------------------------------------------------------------------------------
     _prepare_data(cfg, accelerator, raw_model.image_size)
     sources = expand_sources(cfg.data.train)
+    # one live run per run directory: the main process locks it for the run's lifetime (the OS drops the lock when the
+    # process dies), and every process learns the verdict, so none starts training into a directory in use
+    from accelerate.utils import broadcast_object_list
+
+    from clipalign.layout import RunDirBusy, lock_run_dir, write_atomic
+
+    busy = None
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock_run_dir(run_dir)  # released by train() when the run ends
+        except RunDirBusy as e:
+            busy = str(e)
+    if world > 1:
+        busy = broadcast_object_list([busy])[0]
+    if busy:
+        raise ConfigError(busy)
+    if is_main:
         cfg.save(run_dir / RUN_CONFIG_FILE)
 
     # ---- resume ------------------------------------------------------------------------------------------------
@@ -334,6 +350,12 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     resume = _resume_from(cfg, run_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
+        # accelerate swallows a failed RNG restore (an info log): check each process's; all stop if one failed
+        from clipalign.checkpoint import CheckpointError, rng_restore_error
+
+        rng_errors = [e for e in gather_object([rng_restore_error(resume, accelerator.process_index)]) if e]
+        if rng_errors:
+            raise CheckpointError(f"cannot resume from {resume}: {'; '.join(rng_errors)}")
         state = read_trainer_state(resume)
         step, samples_seen = state["step"], state.get("samples_seen", 0)
         accelerator.print(f"resumed from {resume} at step {step}")
@@ -347,7 +369,10 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     loader = make_train_loader(sources, tokenizer, raw_model.image_size, cfg.data.batch_size, cfg.data.workers,
                                resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
                                crop_scale=cfg.data.train_crop_scale, pin_memory=accelerator.device.type == "cuda",
-                               decode=resolve_decode(cfg.data.decode, accelerator.device), **stream_args)
+                               decode=resolve_decode(cfg.data.decode, accelerator.device),
+                               max_image_pixels=cfg.data.max_image_pixels,
+                               # the model's resize (interpolation, resize mode), the one its evaluation uses
+                               preprocess_cfg=getattr(raw_model.clip.visual, "preprocess_cfg", None), **stream_args)
     batches = iter(loader)
     positions: dict[int, tuple[int, int]] = {}  # stream -> (epoch, emitted) of the last batch consumed
 
@@ -439,7 +464,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     if is_main:
         summary.update(_evaluate_and_export(cfg, raw_model, final, metrics_path))
         accelerator.print(json.dumps(summary, indent=2))
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
 
@@ -454,10 +479,12 @@ def _evaluate(cfg: Config, model) -> dict:
         templates = resolve_lines(cfg.eval.templates, "templates") if cfg.eval.templates else None
         results["zeroshot"] = zero_shot_classification(model, cfg.eval.zeroshot, classnames=classnames,
                                                        templates=templates, batch_size=cfg.eval.batch_size,
-                                                       progress=False, precision=cfg.eval.precision)
+                                                       progress=False, precision=cfg.eval.precision,
+                                                       max_image_pixels=cfg.data.max_image_pixels)
     if cfg.eval.retrieval:
         results["retrieval"] = zero_shot_retrieval(model, cfg.eval.retrieval, batch_size=cfg.eval.batch_size,
-                                                   progress=False, precision=cfg.eval.precision)
+                                                   progress=False, precision=cfg.eval.precision,
+                                                   max_image_pixels=cfg.data.max_image_pixels)
     return results
 
 
@@ -497,9 +524,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from clipalign.config import describe_keys  # the help's key listing: one source, the config dataclasses
+
+    epilog = ("Overrides are section.key=value, e.g. train.steps=100 optim.lr=1e-3\n\n"
+              "Recipe keys as section.key=default (values are checked against their ranges before anything starts):\n\n"
+              + describe_keys())
     parser = argparse.ArgumentParser(prog="clipalign-train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Overrides are section.key=value, e.g. train.steps=100 optim.lr=1e-3")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     parser.add_argument("recipe", help="YAML recipe (sections data, model, loss, optim, train, eval, export)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import webdataset as wds
 from clipalign.data.sample import listed_captions, sample_captions, sample_json
 from clipalign.data.shards import SkipCounter, expand_urls
 from clipalign.data.sources import open_table, table_format_of
+from clipalign.layout import write_atomic
 from clipalign.tokenizer import DEFAULT_CONTEXT_LENGTH, clean_text
 
 MODEL_TYPES = ("unigram", "bpe")
@@ -124,7 +124,7 @@ def train_sentencepiece(
             raise ValueError(f"no usable caption in {sources!r} ({len(urls)} files; skipped: {skipped})") from e
         raise ValueError(_training_error(str(e), vocab_size, character_coverage, used)) from e
 
-    _write_atomically(output, model.getvalue())
+    write_atomic(output, model.getvalue())
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     lengths = [len(ids) for ids in processor.encode(stats_sample)]
     example = stats_sample[0]
@@ -148,7 +148,7 @@ def train_sentencepiece(
         "sentencepiece_version": spm.__version__,
     }
     sidecar = output.with_suffix(".json")
-    _write_atomically(sidecar, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_atomic(sidecar, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return {**summary, "output": str(output), "sidecar": str(sidecar), "seconds": time.perf_counter() - start}
 
 
@@ -276,19 +276,6 @@ def _training_error(message: str, vocab_size: int, character_coverage: float, ca
                 f"character_coverage {character_coverage}) plus the 256 byte-fallback pieces and <unk> need {needed}; "
                 f"raise vocab_size to at least {needed} or lower character_coverage")
     return f"SentencePiece training on {captions} captions failed: {message}"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary sibling and a rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _parser() -> argparse.ArgumentParser:

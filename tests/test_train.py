@@ -90,7 +90,7 @@ def test_two_processes_train_and_resume(tmp_path):
     steps = [m for m in _metrics(run) if "loss" in m]
     assert [m["step"] for m in steps] == [2, 4, 6]
     assert steps[-1]["samples"] == 6 * 32
-    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert not list((run / "checkpoints").glob(".*.tmp-*"))  # no temporary save left behind
 
 
 @pytest.mark.slow
@@ -278,3 +278,80 @@ def test_metrics_window_reports_a_window_then_starts_the_next():
         assert line["skipped"] == {"bad_image": 2, "no_caption": 1} and line["nonfinite_steps"] == 1
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _tiny_eval_sets(root: Path) -> list[str]:
+    """Overrides pointing the end-of-run evaluations at 4 tiny images: the runs below test the run directory, not
+    the model, and the synthetic held-out set (600 images) would take most of their time."""
+    from PIL import Image
+
+    rows = ["filepath,caption"]
+    for i, name in enumerate(["red_square", "blue_square"]):
+        (root / name).mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (8, 8), (255 * (1 - i), 0, 255 * i)).save(root / name / f"{j}.jpg")
+            rows.append(f"{name}/{j}.jpg,a {name.replace('_', ' ')}")
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    return [f"eval.zeroshot={root}", f"eval.retrieval={root / 'captions.csv'}"]
+
+
+@pytest.mark.slow
+def test_one_live_run_per_directory_and_a_killed_run_leaves_no_lock(tmp_path):
+    """A second run into a live run's directory stops naming it and the live run's pid, without touching it; once the
+    live run is SIGKILLed the directory is free. A resume whose RNG state file is gone stops naming the file."""
+    run = tmp_path / "run"
+    common = [sys.executable, "-m", "clipalign.train", str(QUICKSTART), *SMALL, f"train.output_dir={run}",
+              "export.dir=", "train.log_with=none", "train.checkpoint_every=2", *_tiny_eval_sets(tmp_path / "eval")]
+    env = _env(tmp_path)
+    first = subprocess.Popen([*common, "train.steps=100000"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while latest_checkpoint(run) is None and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        second = subprocess.run([*common, "train.steps=2"], env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"{run} is in use by another run (pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert read_config(run / "config.yaml").train.steps == 100000  # the live run's config, not overwritten
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+
+    ckpt = latest_checkpoint(run)  # the first run went on saving while the second was refused
+    step = read_trainer_state(ckpt)["step"]
+    rng_file = ckpt / "random_states_0.pkl"
+    saved = rng_file.read_bytes()
+    rng_file.unlink()
+    # the next run starts (no stale lock), loads the checkpoint, and stops on the missing RNG state, naming the file
+    resume = [*common, f"train.steps={step + 2}", f"train.resume={ckpt}"]
+    lost = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert lost.returncode == 2, lost.stderr[-3000:]
+    assert f"cannot resume from {ckpt}: {rng_file} is missing" in lost.stderr and "Traceback" not in lost.stderr
+    assert read_config(run / "config.yaml").train.steps == step + 2  # it held the directory: it wrote its config
+
+    rng_file.write_bytes(saved)
+    resumed = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpt} at step {step}" in resumed.stdout + resumed.stderr
+    assert read_trainer_state(latest_checkpoint(run))["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_two_processes_into_a_locked_run_directory_both_stop_before_training(tmp_path):
+    """Only the main process takes the lock; the other learns that it failed and stops too, and the launch ends."""
+    from clipalign.layout import lock_run_dir, release_run_dir
+
+    run = tmp_path / "run"
+    lock_run_dir(run)  # this test process plays the live run
+    try:
+        proc = _accelerate_launch(2, [str(QUICKSTART), *SMALL, f"train.output_dir={run}", "export.dir=",
+                                      "train.log_with=none", "train.steps=2"], _env(tmp_path))
+    finally:
+        release_run_dir(run)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"{run} is in use by another run (pid {os.getpid()}") == 2, proc.stderr[-3000:]
+    # both stopped on the error itself, neither with a traceback of ours (the launcher reports the exit status 2)
+    assert "exitcode  : 2" in proc.stderr and "clipalign/train.py" not in proc.stderr, proc.stderr[-3000:]
+    assert not (run / "config.yaml").exists() and not (run / "metrics.jsonl").exists()

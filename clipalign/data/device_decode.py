@@ -4,7 +4,8 @@ On a GPU the CPU is the scarce part, and PIL's JPEG decode is most of a worker's
 worker only opens each image's header, checks it and draws its crop, and a batch carries the JPEG bytes:
 
     worker (`prepare_image`, under the sample's seeded RNG)
-        header opens, format JPEG, mode RGB or L, data ends with the EOI marker FF D9
+        header opens and is within the pixel limit (else `bad_image`, never decoded)
+        format JPEG, mode RGB or L, data ends with the EOI marker FF D9, a crop (not a padding resize mode)
             -> `DeviceJpeg(data, box)`: the crop `train_transform` would take (same draft decision, same RNG draws),
                mapped to full-resolution pixels
         anything else (PNG, WebP, CMYK JPEGs, bytes after the EOI) -> decoded here with PIL as in `workers` mode
@@ -14,8 +15,10 @@ worker only opens each image's header, checks it and draws its crop, and a batch
         jpeg         uint8 (N,)          the JPEG bytes of those rows, concatenated in row order
         jpeg_offsets int64 (B + 1,)      row r's bytes are jpeg[offsets[r]:offsets[r + 1]] (empty for decoded rows)
         boxes        int32 (B, 4)        (top, left, height, width) of the crop in full-resolution pixels
+        interpolation uint8 (1,)         the resize's interpolation, an index into `INTERPOLATION_CODES`
     training process (`device_images`): one batched `torchvision.io.decode_jpeg` on the device (nvjpeg on CUDA, the
-        CPU decoder in this process on a CPU device), then per row crop + bicubic antialiased resize to S x S, uint8.
+        CPU decoder in this process on a CPU device), then per row crop + antialiased resize to S x S, uint8, with
+        the model's interpolation (bicubic for today's models), as the workers' `train_transform` resizes.
 
 Failures are never fatal. If the batched decode raises, rows are decoded one by one; a row the device decoder
 refuses is decoded with PIL on the CPU here, with the same box; a row nothing decodes counts as `bad_image` and its
@@ -36,12 +39,19 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from clipalign.config import DECODE_CHOICES
-from clipalign.data.transforms import decode_image, train_crop_box
+from clipalign.data.transforms import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    INTERPOLATIONS,
+    decode_image,
+    open_image,
+    train_crop_box,
+)
 
 _EOI = b"\xff\xd9"
 # PIL modes of JPEGs the device decoders turn into RGB as PIL's convert("RGB") does; CMYK/YCCK stay with PIL
 _DEVICE_MODES = ("RGB", "L")
 _DRAFT_SCALES = (8, 4, 2, 1)
+INTERPOLATION_CODES = tuple(INTERPOLATIONS)  # a batch carries its interpolation as an index into these names
 
 
 def resolve_decode(mode: str, device: torch.device | str) -> str:
@@ -78,24 +88,31 @@ def _full_resolution_box(box: tuple[float, float, float, float], scale: int,
     return y0, x0, max(1, y1 - y0), max(1, x1 - x0)
 
 
-def prepare_image(data: bytes, image_size: int, crop_scale: float, transform) -> torch.Tensor | DeviceJpeg:
+def prepare_image(data: bytes, image_size: int, crop_scale: float, transform,
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                  resize_mode: str = "shortest") -> torch.Tensor | DeviceJpeg:
     """A worker's share of one image: a `DeviceJpeg` for the device, or the uint8 (3, S, S) image decoded here.
 
-    Call it where `transform(decode_image(data, image_size))` would run (under the sample's seeded RNG): it draws
-    the same crop. Raises, as PIL does, on data whose header does not open, or that fails the CPU decode.
+    Call it where `transform(decode_image(data, image_size, max_pixels))` would run (under the sample's seeded RNG),
+    with the `resize_mode` `transform` was built with: it draws the same crop. Raises `ImageTooLarge` for an image
+    over `max_pixels` (0: no limit) before anything is decoded, and, as PIL does, on data whose header does not open
+    or that fails the CPU decode.
     """
-    img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-    if img.format != "JPEG" or img.mode not in _DEVICE_MODES or not data.endswith(_EOI):
+    img = open_image(data, max_pixels)  # lazy: reads the header only
+    padded = crop_scale >= 1.0 and resize_mode == "longest"  # a padding resize has no crop box for the device
+    if img.format != "JPEG" or img.mode not in _DEVICE_MODES or not data.endswith(_EOI) or padded:
         # not for the device decoders; a truncated JPEG fails here and counts as bad_image, as in `workers` mode
-        return transform(decode_image(data, image_size))
+        return transform(decode_image(data, image_size, max_pixels))
     full = img.size
     img.draft("RGB", (image_size, image_size))  # the CPU path's reduced DCT scale; on a lazy image, the size only
-    box = train_crop_box(img, image_size, crop_scale)
+    box = train_crop_box(img, image_size, crop_scale, resize_mode)
     return DeviceJpeg(data, _full_resolution_box(box, _draft_scale(full, img.size), full))
 
 
-def pack_batch(items: Sequence[torch.Tensor | DeviceJpeg], image_size: int) -> dict[str, torch.Tensor]:
-    """Worker-side batch tensors of `prepare_image` results (see the module docstring for the fields)."""
+def pack_batch(items: Sequence[torch.Tensor | DeviceJpeg], image_size: int,
+               interpolation: str = "bicubic") -> dict[str, torch.Tensor]:
+    """Worker-side batch tensors of `prepare_image` results (see the module docstring for the fields); the device
+    resizes with `interpolation` (one of `INTERPOLATION_CODES`)."""
     n = len(items)
     images = torch.zeros(n, 3, image_size, image_size, dtype=torch.uint8)
     mask = torch.zeros(n, dtype=torch.bool)
@@ -113,7 +130,8 @@ def pack_batch(items: Sequence[torch.Tensor | DeviceJpeg], image_size: int) -> d
     joined = bytearray(b"".join(chunks))
     jpeg = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.zeros(0, dtype=torch.uint8)
     return {"images": images, "decode_mask": mask, "jpeg": jpeg, "jpeg_offsets": torch.cumsum(lengths, 0),
-            "boxes": boxes}
+            "boxes": boxes,
+            "interpolation": torch.tensor([INTERPOLATION_CODES.index(interpolation)], dtype=torch.uint8)}
 
 
 def _decode_rows(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -134,20 +152,27 @@ def _decode_rows(datas: list[torch.Tensor], device: torch.device) -> list[torch.
     return out
 
 
-def _crop_resize(image: torch.Tensor, box: list[int], image_size: int) -> torch.Tensor:
-    """Crop (top, left, height, width), then bicubic antialiased resize to S x S; uint8 in and out (rounded)."""
+_PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                 "nearest": Image.Resampling.NEAREST}
+
+
+def _crop_resize(image: torch.Tensor, box: list[int], image_size: int, interpolation: str) -> torch.Tensor:
+    """Crop (top, left, height, width), then antialiased resize to S x S; uint8 in and out (rounded)."""
     top, left, height, width = box
-    return TF.resized_crop(image, top, left, height, width, [image_size, image_size],
-                           interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    # PIL's nearest samples pixel centres: on tensors that is "nearest-exact" (torch's "nearest" is off by half a pixel)
+    mode = TF.InterpolationMode.NEAREST_EXACT if interpolation == "nearest" else INTERPOLATIONS[interpolation]
+    return TF.resized_crop(image, top, left, height, width, [image_size, image_size], interpolation=mode,
+                           antialias=True)
 
 
-def _pil_crop_resize(data: bytes, box: list[int], image_size: int) -> torch.Tensor | None:
+def _pil_crop_resize(data: bytes, box: list[int], image_size: int, interpolation: str) -> torch.Tensor | None:
     """The same crop and resize by PIL on the CPU (full decode), for rows the device decoder refused; None if PIL
-    cannot decode them either."""
+    cannot decode them either. The worker checked the pixel limit of these rows already."""
     top, left, height, width = box
     try:
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        img = img.crop((left, top, left + width, top + height)).resize((image_size, image_size), Image.BICUBIC)
+        img = img.crop((left, top, left + width, top + height)).resize((image_size, image_size),
+                                                                       _PIL_RESAMPLE[interpolation])
     except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         return None
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
@@ -165,6 +190,8 @@ def device_images(batch: dict, device: torch.device | str,
     if "jpeg" not in batch:
         return images.to(device, non_blocking=True, memory_format=memory_format), {}
     image_size = images.shape[-1]
+    # batches packed before the field existed resize as they always did: bicubic
+    interpolation = INTERPOLATION_CODES[int(batch["interpolation"][0])] if "interpolation" in batch else "bicubic"
     out = images.to(device, non_blocking=True, copy=True)  # copy: on a CPU device, leave the batch as it came
     rows = batch["decode_mask"].nonzero().flatten().tolist()
     offsets, boxes, jpeg = batch["jpeg_offsets"].tolist(), batch["boxes"].tolist(), batch["jpeg"]
@@ -173,11 +200,11 @@ def device_images(batch: dict, device: torch.device | str,
     for row, data, decoded in zip(rows, datas, _decode_rows(datas, device)):
         if decoded is not None:
             try:
-                out[row] = _crop_resize(decoded, boxes[row], image_size)
+                out[row] = _crop_resize(decoded, boxes[row], image_size, interpolation)
                 continue
             except Exception:  # a degenerate decode (e.g. a size the box does not fit): PIL's turn
                 pass
-        fallback = _pil_crop_resize(data.numpy().tobytes(), boxes[row], image_size)
+        fallback = _pil_crop_resize(data.numpy().tobytes(), boxes[row], image_size, interpolation)
         if fallback is None:
             bad.append(row)
         else:

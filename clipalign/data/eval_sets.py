@@ -8,13 +8,14 @@ the built-in sets for CIFAR-10, CIFAR-100 and ImageNet-1k (the class names and t
 in `clipalign/zeroshot_data/`); `clipalign.data.sample` holds the file names and how they are found.
 
 A sample in a shard that cannot be used (corrupt image, no label, no caption) is skipped and counted by reason;
-the counts come back with the results.
+the counts come back with the results. Every reader decodes with `clipalign.data.transforms.decode_image`: an image
+over the pixel limit is skipped as `bad_image` (shards, folders and CSVs alike) without being decoded, and 16-bit
+grayscale is scaled to 8 bits. A corrupt image named by a folder or CSV stops the evaluation, naming it.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -23,12 +24,12 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from clipalign.data.sample import image_bytes, lines_beside, sample_json
 from clipalign.data.shards import expand_urls
 from clipalign.data.sources import open_table
+from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, decode_image
 
 
 def source_kind(spec: str | os.PathLike) -> str:
@@ -58,11 +59,6 @@ def sidecar_lines(spec: str | os.PathLike, names: Sequence[str]) -> list[str] | 
             return None
         places = [Path(first).parent, Path(first).parent.parent]
     return lines_beside(places, names)
-
-
-def _open_rgb(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
 
 
 def label_reader(label_key: str, classnames: Sequence[str]) -> Callable[[dict[str, Any]], int | None]:
@@ -103,12 +99,15 @@ class ShardSamples(IterableDataset):
     """Images of WebDataset shards through `transform`, each with `target(sample)` (a label, captions, ...).
 
     Yields `(image, target, "")` for a usable sample and `(None, None, reason)` for one that is not, so that
-    `collate_samples` can count skips across DataLoader workers. Workers read disjoint shards.
+    `collate_samples` can count skips across DataLoader workers. Workers read disjoint shards. An image over
+    `max_pixels` (0: no limit) is a `bad_image`, never decoded.
     """
 
-    def __init__(self, spec: str, transform: Callable, target: Callable[[dict[str, Any]], Any]):
+    def __init__(self, spec: str, transform: Callable, target: Callable[[dict[str, Any]], Any],
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.urls = expand_urls(spec)
         self.transform, self.target = transform, target
+        self.max_pixels = max_pixels
         self.tar_errors = 0
 
     def _tar_error(self, exn: Exception) -> bool:
@@ -132,8 +131,8 @@ class ShardSamples(IterableDataset):
                 yield None, None, "no_target"
                 continue
             try:
-                image = self.transform(_open_rgb(data))
-            except Exception:  # PIL raises many types for corrupt data
+                image = self.transform(decode_image(data, max_pixels=self.max_pixels))
+            except Exception:  # PIL raises many types for corrupt data; ours: ImageTooLarge
                 yield None, None, "bad_image"
                 continue
             yield image, target, ""
@@ -149,19 +148,26 @@ def collate_samples(batch: list[tuple[torch.Tensor | None, Any, str]]) -> tuple[
 
 
 class ImagePaths(Dataset):
-    """Images read from paths through `transform`, with a target each (labels for classification, indices else)."""
+    """Images read from paths through `transform`, with a target each (labels for classification, indices else).
 
-    def __init__(self, paths: Sequence[Path], targets: Sequence[Any], transform: Callable):
+    Items are `(image, target, "")`, or `(None, target, "bad_image")` for an image over `max_pixels` (0: no limit),
+    skipped unread, like `ShardSamples`' items. Any other unreadable image is an error naming its path.
+    """
+
+    def __init__(self, paths: Sequence[Path], targets: Sequence[Any], transform: Callable,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.paths, self.targets, self.transform = list(paths), list(targets), transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, Any, str]:
         path = self.paths[index]
         try:
-            with Image.open(path) as img:
-                image = self.transform(img.convert("RGB"))
+            image = self.transform(decode_image(path, max_pixels=self.max_pixels))
+        except ImageTooLarge:
+            return None, self.targets[index], "bad_image"
         except (OSError, ValueError) as e:
             raise ValueError(f"evaluation image {path} cannot be read: {e}") from e
         return image, self.targets[index], ""

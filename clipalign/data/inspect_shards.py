@@ -19,7 +19,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from clipalign.data.sample import caption_of, image_bytes
 from clipalign.data.shards import expand_urls
 from clipalign.data.transforms import decode_image
+from clipalign.layout import write_atomic
 
 _EXAMPLES_PER_REASON = 5
 
@@ -227,9 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(format_report(report))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_atomic(args.json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

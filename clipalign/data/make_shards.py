@@ -10,8 +10,11 @@ captions has no `.txt`, because the training pipeline prefers `.txt` and would n
 the input's position (`000000000`, ...) in a deterministic order, so skipped inputs leave gaps but never shift keys.
 
 Images in a shard format (JPEG, PNG, WebP) are stored byte for byte; other formats (BMP, GIF, TIFF), images with an
-EXIF rotation, and images shrunk by `resize` are re-encoded as JPEG. Inputs the training pipeline could not use are
-skipped and counted by reason (`clipalign.data.sample.MAKE_SHARDS_SKIP_REASONS`) in `OUT/_stats.json`, which is
+EXIF rotation, and images shrunk by `resize` are re-encoded as JPEG. 16-bit grayscale images are stored as 8-bit
+grayscale PNGs (JPEGs when shrunk) holding the values training reads from them, so that any reader of the shards
+(open_clip, clip_benchmark, a plain `convert("RGB")`) sees the image and not a white square. Images over the pixel
+limit (`max_image_pixels`, from the header) are `bad_image`, never decoded. Inputs the training pipeline could not use
+are skipped and counted by reason (`clipalign.data.sample.MAKE_SHARDS_SKIP_REASONS`) in `OUT/_stats.json`, which is
 written last. This tool reads local files only; to download images from URLs use img2dataset, whose webdataset output
 trains as it is. The inputs are read by `clipalign.data.sources`; the shards are written by
 `clipalign.data.writer.ShardSink`.
@@ -20,7 +23,6 @@ trains as it is. The inputs are read by `clipalign.data.sources`; the shards are
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import multiprocessing
@@ -49,8 +51,9 @@ from clipalign.data.sources import (
     imagefolder_samples,
     table_samples,
 )
-from clipalign.data.transforms import decode_image
+from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, decode_image, is_16bit_gray, open_image
 from clipalign.data.writer import ShardSink, brace_pattern, image_to_bytes
+from clipalign.layout import write_atomic
 
 STATS_FILE = "_stats.json"
 
@@ -75,7 +78,8 @@ class _Encoded:
     reencoded: bool = False
 
 
-def _encode(src: SourceSample, resize: int | None, quality: int, key_width: int) -> _Encoded:
+def _encode(src: SourceSample, resize: int | None, quality: int, key_width: int,
+            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> _Encoded:
     """A shard sample (every value bytes) from one input, or the reason it is skipped."""
     if src.skip is not None:
         return _Encoded(src.index, src.where, reason=src.skip)
@@ -86,8 +90,8 @@ def _encode(src: SourceSample, resize: int | None, quality: int, key_width: int)
     except OSError:
         return _Encoded(src.index, src.where, reason="bad_image")
     try:
-        image, ext, resized, reencoded = _shard_image(data, resize, quality)
-    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        image, ext, resized, reencoded = _shard_image(data, resize, quality, max_pixels)
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError); ours: ImageTooLarge
         return _Encoded(src.index, src.where, reason="bad_image")
     if len(src.captions) == 1:
         text = {"txt": src.captions[0].encode("utf-8")}
@@ -100,23 +104,29 @@ def _encode(src: SourceSample, resize: int | None, quality: int, key_width: int)
     return _Encoded(src.index, src.where, sample, None, resized, reencoded)
 
 
-def _shard_image(data: bytes, resize: int | None, quality: int) -> tuple[bytes, str, bool, bool]:
-    """(image bytes, extension, resized, re-encoded); raises when the training pipeline could not decode it."""
-    with Image.open(io.BytesIO(data)) as probe:
+def _shard_image(data: bytes, resize: int | None, quality: int,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[bytes, str, bool, bool]:
+    """(image bytes, extension, resized, re-encoded); raises when the training pipeline could not decode it, and
+    `ImageTooLarge` (from the header, before decoding) for an image over `max_pixels`."""
+    with open_image(data, max_pixels) as probe:
         ext = _SHARD_EXTENSION_OF_FORMAT.get(probe.format)
         size = probe.size
         orientation = _exif_orientation(probe)
+        wide_gray = is_16bit_gray(probe)
     # training decodes without applying EXIF rotation, so a rotated photo is stored upright
     upright = orientation not in (2, 3, 4, 5, 6, 7, 8)
     shrink = resize is not None and min(size) > resize
-    if ext is not None and upright and not shrink:
-        decode_image(data)  # the training pipeline's own decode: raises on corrupt or truncated data
+    if ext is not None and upright and not shrink and not wide_gray:
+        decode_image(data, max_pixels=max_pixels)  # the training pipeline's own decode: raises on corrupt data
         return data, ext, False, False
-    img = decode_image(data, resize if shrink else None)  # JPEG draft decode keeps the shorter side >= resize
+    img = decode_image(data, resize if shrink else None, max_pixels)  # JPEG draft keeps the shorter side >= resize
     if not upright:
         img = ImageOps.exif_transpose(img)
     if shrink:
         img = img.resize(_shorter_side_to(img.size, resize), Image.Resampling.BICUBIC)
+    elif wide_gray:
+        # decode_image scaled it to 8 bits by the 16-bit range: stored losslessly, as gray, it is what training reads
+        return image_to_bytes(img.convert("L"), "png"), "png", False, True
     return image_to_bytes(img, "jpg", quality), "jpg", shrink, True
 
 
@@ -145,7 +155,7 @@ def _prepare_out_dir(out_dir: Path, prefix: str, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardInputError(f"output {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    ours = re.compile(rf"^\.?{re.escape(prefix)}-\d+\.tar(\.tmp)?$")
+    ours = re.compile(rf"^\.?{re.escape(prefix)}-\d+\.tar(\.tmp(-\d+-[0-9a-f]+)?)?$")  # shards, temporary ones too
     old = sorted(p for p in out_dir.iterdir() if ours.match(p.name))
     old += [p for p in (out_dir / STATS_FILE, out_dir / CLASSNAMES_FILE) if p.exists()]
     if old and not overwrite:
@@ -170,6 +180,7 @@ def make_shards(
     classnames: Sequence[str] | None = None,
     input_info: dict[str, Any] | None = None,
     progress: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Encode `samples` into `out_dir/{prefix}-000000.tar`, ... and write `out_dir/_stats.json` last.
 
@@ -188,11 +199,13 @@ def make_shards(
         classnames: written to `out_dir/classnames.txt`, one per line (ImageFolder input).
         input_info: what the input was, recorded in the stats.
         progress: show a progress bar.
+        max_image_pixels: images with more pixels (header size) are skipped as `bad_image`, never decoded; 0: no
+            limit (training's `data.max_image_pixels`).
 
     Returns:
         The statistics written to `_stats.json`.
     """
-    _check_options(samples_per_shard, max_shard_bytes, resize, quality, workers)
+    _check_options(samples_per_shard, max_shard_bytes, resize, quality, workers, max_image_pixels)
     start = time.perf_counter()
     out_dir = Path(out_dir).expanduser()
     _prepare_out_dir(out_dir, prefix, overwrite)
@@ -202,7 +215,7 @@ def make_shards(
     failures: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
     resized = reencoded = 0
-    encode = partial(_encode, resize=resize, quality=quality, key_width=key_width)
+    encode = partial(_encode, resize=resize, quality=quality, key_width=key_width, max_pixels=max_image_pixels)
     with sink, tqdm(total=len(samples), unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for result in _encoded(samples, encode, workers):
             bar.update()
@@ -217,7 +230,7 @@ def make_shards(
             reencoded += result.reencoded
     paths = sink.paths
     if classnames is not None:
-        (out_dir / CLASSNAMES_FILE).write_text("".join(f"{name}\n" for name in classnames), encoding="utf-8")
+        write_atomic(out_dir / CLASSNAMES_FILE, "".join(f"{name}\n" for name in classnames))
     seconds = time.perf_counter() - start
     written = len(samples) - sum(failures.values())
     stats = {
@@ -235,18 +248,16 @@ def make_shards(
         "oversized_samples": sink.oversized,
         "shards": [p.name for p in paths],
         "options": {"prefix": prefix, "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
-                    "resize": resize, "quality": quality, "workers": workers},
+                    "resize": resize, "quality": quality, "workers": workers, "max_image_pixels": max_image_pixels},
         "seconds": round(seconds, 3),
         "samples_per_s": round(written / seconds, 1) if seconds > 0 else None,
     }
-    tmp = out_dir / f".{STATS_FILE}.tmp"
-    tmp.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / STATS_FILE)
+    write_atomic(out_dir / STATS_FILE, json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     return stats
 
 
 def _check_options(samples_per_shard: int, max_shard_bytes: int | None, resize: int | None, quality: int,
-                   workers: int) -> None:
+                   workers: int, max_image_pixels: int = 0) -> None:
     if samples_per_shard < 1:
         raise ShardInputError(f"samples per shard must be >= 1, got {samples_per_shard}")
     if max_shard_bytes is not None and max_shard_bytes < 1:
@@ -257,6 +268,8 @@ def _check_options(samples_per_shard: int, max_shard_bytes: int | None, resize: 
         raise ShardInputError(f"JPEG quality must be in 1..100, got {quality}")
     if workers < 1:
         raise ShardInputError(f"workers must be >= 1, got {workers}")
+    if max_image_pixels < 0:
+        raise ShardInputError(f"max image pixels must be >= 0 (0 = no limit), got {max_image_pixels}")
 
 
 def _encoded(samples: Sequence[SourceSample], encode, workers: int) -> Iterator[_Encoded]:
@@ -297,6 +310,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="JPEG quality of re-encoded images (default: 95)")
     out.add_argument("--workers", type=int, default=1, metavar="N",
                      help="processes reading and encoding images (default: 1)")
+    out.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                     help="skip (as bad_image) images with more pixels than this, read from their header before "
+                          f"decoding; 0 = no limit (default: {DEFAULT_MAX_IMAGE_PIXELS}, Pillow's, as training's "
+                          "data.max_image_pixels)")
     out.add_argument("--overwrite", action="store_true", help="replace the output of an earlier run in --out")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -344,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         stats = make_shards(samples, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
                             max_shard_bytes=args.max_shard_bytes, resize=args.resize, quality=args.quality,
                             workers=args.workers, overwrite=args.overwrite, classnames=classnames, input_info=info,
-                            progress=not args.no_progress and sys.stderr.isatty())
+                            progress=not args.no_progress and sys.stderr.isatty(),
+                            max_image_pixels=args.max_image_pixels)
     except (ShardInputError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     _print_summary(stats)

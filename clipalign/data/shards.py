@@ -5,7 +5,8 @@ A shard holds samples `KEY.jpg|jpeg|png|webp` + `KEY.txt` (caption) and/or `KEY.
 Each DataLoader worker reads its own shards, decodes and tokenizes, and yields whole batches; every batch carries the
 counts of samples that worker skipped since its previous batch, by reason, so the trainer can sum them exactly.
 With `decode="device"` the workers leave JPEG decoding to the training process (see `clipalign.data.device_decode`);
-pass every batch through `device_images` there.
+pass every batch through `device_images` there. An image over the pixel limit (`max_image_pixels`, from its header)
+is skipped as `bad_image` without being decoded; the resize follows the model's preprocess config.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from clipalign.data.device_decode import DeviceJpeg, pack_batch, prepare_image
 from clipalign.data.sample import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported: its former home
 from clipalign.data.sample import caption_of, image_bytes
-from clipalign.data.transforms import decode_image, train_transform
+from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, decode_image, geometry, train_transform
 
 if TYPE_CHECKING:  # data and tokenizer sit side by side over config: the type alone, no import at run time
     from clipalign.tokenizer import Tokenizer
@@ -89,17 +90,18 @@ class SkipCounter:
 
 
 def decode_samples(samples, transform: Callable, image_size: int, counter: SkipCounter,
-                   sample_seed: Callable[[str], int],
-                   image_fn: Callable[[bytes], Any] | None = None) -> Iterator[tuple[str, Any, str]]:
+                   sample_seed: Callable[[str], int], image_fn: Callable[[bytes], Any] | None = None,
+                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[tuple[str, Any, str]]:
     """Raw tar samples -> (key, uint8 image, caption); a sample that cannot be used is skipped and counted.
 
     `sample_seed(key)` seeds the sample's random choices (which caption of several, the random crop), so they depend
     on the sample and the pass, not on which worker met it when: a resumed run draws the same ones. `image_fn(data)`,
-    if given, replaces `transform(decode_image(data, image_size))` and runs under the same seeded RNG.
+    if given, replaces `transform(decode_image(data, image_size, max_pixels))` and runs under the same seeded RNG.
+    An image over `max_pixels` (0: no limit) counts as `bad_image`, refused from its header.
     """
     if image_fn is None:
         def image_fn(data: bytes) -> torch.Tensor:
-            return transform(decode_image(data, image_size))
+            return transform(decode_image(data, image_size, max_pixels))
 
     for sample in samples:
         data = image_bytes(sample)
@@ -118,7 +120,7 @@ def decode_samples(samples, transform: Callable, image_size: int, counter: SkipC
         try:
             with _seeded_cpu_rng(seed):
                 image = image_fn(data)
-        except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError); ours: ImageTooLarge
             counter.skip("bad_image")
             continue
         yield sample["__key__"], image, caption
@@ -181,11 +183,16 @@ class ShardStream(IterableDataset):
         start: exact passes only: {stream: (epoch, emitted)} to resume from.
         decode: `workers` (PIL in the workers) or `device`: JPEGs travel as bytes with their crop boxes, for
             `device_images` in the training process (other images are still decoded in the workers).
+        max_image_pixels: images with more pixels (header size) are skipped as `bad_image`, never decoded; 0: no
+            limit (`data.max_image_pixels`).
+        preprocess_cfg: the model's preprocess config (`open_clip.get_model_preprocess_cfg`): its `interpolation`
+            and `resize_mode` (and `fill_color`) shape the resize; None: bicubic, shortest side.
     """
 
     def __init__(self, sources: list[list[str]], tokenizer: Tokenizer, image_size: int, batch_size: int,
                  seed: int = 0, resampled: bool = True, weights: list[float] | None = None, shuffle_buffer: int = 1000,
-                 crop_scale: float = 0.9, start: dict[int, tuple[int, int]] | None = None, decode: str = "workers"):
+                 crop_scale: float = 0.9, start: dict[int, tuple[int, int]] | None = None, decode: str = "workers",
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, preprocess_cfg: dict[str, Any] | None = None):
         super().__init__()
         if sources and isinstance(sources[0], str):
             sources = [list(sources)]  # a flat list of URLs is one source
@@ -210,7 +217,12 @@ class ShardStream(IterableDataset):
             raise ValueError(f"decode must be workers or device (resolve data.decode=auto first), got {decode!r}")
         self.decode = decode
         self.crop_scale = crop_scale
-        self.transform = train_transform(image_size, crop_scale)
+        if max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be >= 0 (0: no limit), got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels
+        self.interpolation, self.resize_mode = geometry(preprocess_cfg)
+        self.transform = train_transform(image_size, crop_scale, self.interpolation, self.resize_mode,
+                                         int((preprocess_cfg or {}).get("fill_color", 0)))
 
     def _shuffled(self, samples: Iterator[dict], seed: int) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
@@ -261,16 +273,17 @@ class ShardStream(IterableDataset):
         image_fn = None
         if self.decode == "device":
             def image_fn(data: bytes) -> torch.Tensor | DeviceJpeg:
-                return prepare_image(data, self.image_size, self.crop_scale, self.transform)
+                return prepare_image(data, self.image_size, self.crop_scale, self.transform, self.max_image_pixels,
+                                     self.resize_mode)
 
         keys, images, captions = [], [], []
         for key, image, caption in decode_samples(samples, self.transform, self.image_size, counter, sample_seed,
-                                                  image_fn):
+                                                  image_fn, self.max_image_pixels):
             keys.append(key)
             images.append(image)
             captions.append(caption)
             if len(keys) == self.batch_size:
-                pixels = (pack_batch(images, self.image_size) if self.decode == "device"
+                pixels = (pack_batch(images, self.image_size, self.interpolation) if self.decode == "device"
                           else {"images": torch.stack(images)})
                 yield {**pixels, "texts": self.tokenizer(captions), "keys": keys, "skipped": counter.take(),
                        "position": (stream, cursor.epoch, cursor.emitted)}
@@ -279,8 +292,8 @@ class ShardStream(IterableDataset):
 
 def make_train_loader(sources: list[list[str]], tokenizer: Tokenizer, image_size: int, batch_size: int, workers: int,
                       pin_memory: bool = False, **stream_args) -> DataLoader:
-    """A DataLoader over `ShardStream` (keyword arguments go to it, `decode` among them); the workers batch, so
-    `batch_size=None` here."""
+    """A DataLoader over `ShardStream` (keyword arguments go to it: `decode`, `max_image_pixels`, `preprocess_cfg`,
+    ...); the workers batch, so `batch_size=None` here."""
     stream = ShardStream(sources, tokenizer, image_size, batch_size, **stream_args)
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)

@@ -10,7 +10,6 @@ A sample is what `webdataset.ShardWriter` accepts, e.g. `{"__key__": "000000123"
 from __future__ import annotations
 
 import io
-import os
 import re
 import tarfile
 from collections.abc import Iterable
@@ -19,6 +18,8 @@ from pathlib import Path
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
+
+from clipalign.layout import commit_temp, temp_name
 
 _PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _TAR_BLOCK = tarfile.BLOCKSIZE
@@ -74,8 +75,9 @@ def write_shards(
 class ShardSink:
     """The one shard writer: numbered tar shards written one sample at a time, split by samples and by bytes.
 
-    A shard is written as a hidden `.NAME.tmp` beside its final name and renamed when complete, so a crash never
-    leaves a truncated shard under a shard name. Nothing is created until the first sample comes.
+    A shard is written as a hidden `.NAME.tmp-PID-RANDOM` beside its final name and renamed (after an fsync) when
+    complete, so a crash never leaves a truncated shard under a shard name. Nothing is created until the first sample
+    comes.
 
     Args:
         pattern: a printf pattern with one integer field, e.g. `"out/train-%06d.tar"`; its folder is created.
@@ -101,6 +103,7 @@ class ShardSink:
         self.paths: list[Path] = []  # the shards completed so far
         self.oversized = 0  # with exact_bytes: samples larger than max_bytes alone, each written alone into a shard
         self._writer: wds.TarWriter | None = None
+        self._tmp: Path | None = None  # the open shard's temporary name
         self._count = self._size = self._written = 0
         self._previous: str | None = None
 
@@ -136,7 +139,7 @@ class ShardSink:
         elif self._writer is not None:  # a half-written shard is no shard: drop it
             self._writer.close()
             self._writer = None
-            self._tmp_path().unlink(missing_ok=True)
+            self._tmp.unlink(missing_ok=True)
 
     def _full(self, size: int) -> bool:
         """Whether the open shard must be closed before a sample of `size` bytes."""
@@ -149,23 +152,20 @@ class ShardSink:
     def _final_path(self) -> Path:
         return Path(self.pattern % len(self.paths))
 
-    def _tmp_path(self) -> Path:
-        final = self._final_path()
-        return final.parent / f".{final.name}.tmp"
-
     def _open(self) -> None:
         final = self._final_path()
         final.parent.mkdir(parents=True, exist_ok=True)
         # compression follows the final name, which the temporary name hides from webdataset
         compress = next((c for c in ("gz", "bz2", "xz") if final.name.endswith(c)), False)
-        self._writer = wds.TarWriter(str(self._tmp_path()), compress=compress, mtime=self.mtime)
+        self._tmp = temp_name(final)  # unique: two writers of one pattern never write into one file
+        self._writer = wds.TarWriter(str(self._tmp), compress=compress, mtime=self.mtime)
         self._count = self._size = 0
 
     def _finish(self) -> None:
         self._writer.close()
         self._writer = None
         final = self._final_path()
-        os.replace(self._tmp_path(), final)
+        commit_temp(self._tmp, final)
         self.paths.append(final)
 
 
