@@ -49,6 +49,7 @@ from clipalign.data.sample import (
     resolve_lines,
 )
 from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
+from clipalign.layout import write_atomic
 from clipalign.tokenizer import tokenize
 
 DEFAULT_TEMPLATES = (
@@ -437,8 +438,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         _print_table(result, f"zero-shot retrieval on {args.retrieval}")
         out["retrieval"] = {"data": str(args.retrieval), **result}
     if args.output:
-        from clipalign.layout import write_atomic  # atomic: a crash or Ctrl-C never leaves half a results file
-
         write_atomic(args.output, json.dumps(out, indent=2) + "\n")
 
 

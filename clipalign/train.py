@@ -20,18 +20,35 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, parse_flag_from_env, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env, set_seed
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from clipalign.accumulate import forward_backward
-from clipalign.checkpoint import latest_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
-from clipalign.config import Config, ConfigError, load_config
+from clipalign.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    read_trainer_state,
+    resolve_checkpoint,
+    rng_restore_error,
+    save_checkpoint,
+)
+from clipalign.config import Config, ConfigError, describe_keys, load_config
 from clipalign.data.device_decode import device_images, resolve_decode
 from clipalign.data.sample import STREAM_SKIP_REASONS as SKIP_REASONS  # one list, in clipalign.data.sample
 from clipalign.data.shards import expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
-from clipalign.layout import METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, TOKENIZER_FILE, keys_file, release_run_dir
+from clipalign.layout import (
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    TOKENIZER_FILE,
+    RunDirBusy,
+    keys_file,
+    lock_run_dir,
+    release_run_dir,
+    write_atomic,
+)
 from clipalign.loss import build_loss
 from clipalign.model import compile_blocks, create_model, trim_padding, use_matmul_patch_embed
 from clipalign.tokenizer import SentencePieceTokenizer, Tokenizer
@@ -328,10 +345,6 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     sources = expand_sources(cfg.data.train)
     # one live run per run directory: the main process locks it for the run's lifetime (the OS drops the lock when the
     # process dies), and every process learns the verdict, so none starts training into a directory in use
-    from accelerate.utils import broadcast_object_list
-
-    from clipalign.layout import RunDirBusy, lock_run_dir, write_atomic
-
     busy = None
     if is_main:
         try:
@@ -351,8 +364,6 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     if resume is not None:
         accelerator.load_state(str(resume))
         # accelerate swallows a failed RNG restore (an info log): check each process's; all stop if one failed
-        from clipalign.checkpoint import CheckpointError, rng_restore_error
-
         rng_errors = [e for e in gather_object([rng_restore_error(resume, accelerator.process_index)]) if e]
         if rng_errors:
             raise CheckpointError(f"cannot resume from {resume}: {'; '.join(rng_errors)}")
@@ -524,8 +535,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from clipalign.config import describe_keys  # the help's key listing: one source, the config dataclasses
-
     epilog = ("Overrides are section.key=value, e.g. train.steps=100 optim.lr=1e-3\n\n"
               "Recipe keys as section.key=default (values are checked against their ranges before anything starts):\n\n"
               + describe_keys())
