@@ -21,6 +21,8 @@ import contextlib
 import torch
 from torch import nn
 
+from clipalign.sharding import no_gradient_sync
+
 
 def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                      accelerator) -> torch.Tensor:
@@ -30,7 +32,7 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[t
         model: the prepared dual encoder (forward(images, texts) -> features, logit scale, optional logit bias).
         loss_fn: a clipalign loss, called on this process's features of all micro-batches together.
         micro_batches: (images, token ids) pairs already on the device; one pair means no accumulation.
-        accelerator: the run's Accelerator (autocast, loss scaling, DDP gradient sync).
+        accelerator: the run's Accelerator (autocast, loss scaling).
     """
     if len(micro_batches) == 1:
         images, texts = micro_batches[0]
@@ -60,10 +62,11 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[t
     sizes = [images.shape[0] for images, _ in micro_batches]
     grads = {key: leaves[key].grad.split(sizes) for key in ("image_features", "text_features")}
 
-    # 3. re-forward each micro-batch with a graph and push the cached gradients through it; DDP syncs on the last
+    # 3. re-forward each micro-batch with a graph and push the cached gradients through it; DDP and FSDP reduce
+    #    the gradients over processes once, on the last
     for i, (images, texts) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        with contextlib.nullcontext() if last else no_gradient_sync(model):
             with _replayed_rng(rng_states[i], device), accelerator.autocast():
                 out = model(images, texts)
             outputs = [out["image_features"], out["text_features"]]
@@ -73,7 +76,9 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[t
                     if key in leaves:
                         outputs.append(out[key])
                         out_grads.append(leaves[key].grad)
-            torch.autograd.backward(outputs, out_grads)
+            # a locked tower (LiT) has no graph: only what requires a gradient is back-propagated
+            pairs = [(o, g) for o, g in zip(outputs, out_grads) if o.requires_grad]
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     return loss.detach()
 
 

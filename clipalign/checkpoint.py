@@ -1,7 +1,10 @@
 """Checkpoint directories: written whole or not at all, found again by step.
 
 A checkpoint is `RUN/checkpoints/step_XXXXXXXX/` holding Accelerate's state (model, optimizer, scheduler, RNG
-states), the resolved config and the trainer state (file names in `clipalign.layout`). It is written under a
+states), the resolved config and the trainer state (file names in `clipalign.layout`). A run with
+`train.sharding=fsdp` writes the model and optimizer as torch.distributed.checkpoint shards instead (one file per
+process, `save_sharded_state`); `load_training_state` restores either kind into either kind of run, on any number of
+processes. It is written under a
 temporary name (unique to the saving process) and renamed into place only when complete, so a crash during the save
 never leaves a directory that looks like a checkpoint.
 """
@@ -14,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +28,14 @@ from accelerate.utils import RNG_STATE_NAME, broadcast_object_list
 from clipalign.config import ConfigError
 from clipalign.layout import (
     CHECKPOINTS_DIR,
+    OPTIMIZER_FILE,
     RUN_CONFIG_FILE,
+    SHARDED_STATE_DIR,
     TRAINER_STATE_FILE,
     checkpoint_dir,
     checkpoint_step,
+    is_sharded_checkpoint,
+    read_checkpoint_weights,
     temp_name,
     write_atomic,
 )
@@ -103,7 +111,8 @@ _RNG_SAFE_GLOBALS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, typ
 
 
 def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, config, state: dict[str, Any],
-                    keep: int = 0, files: dict[str, bytes] | None = None) -> Path:
+                    keep: int = 0, files: dict[str, bytes] | None = None,
+                    write_state: Callable[[Path], None] | None = None) -> Path:
     """Save Accelerate state + config + trainer state atomically; every process must call this.
 
     Args:
@@ -114,6 +123,8 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, config, 
         state: JSON-serialisable trainer state (step, samples seen, ...).
         keep: keep only the newest `keep` checkpoints (0 keeps all).
         files: more files to write into the checkpoint, name -> contents (e.g. the tokenizer model).
+        write_state: writes this process's part of the training state into the directory it is given; by default
+            Accelerate's `save_state` (a sharded run passes `save_sharded_state`).
     """
     final = checkpoint_dir(run_dir, step)
     tmp = None
@@ -123,7 +134,10 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, config, 
         tmp.mkdir(parents=True)
     if accelerator.num_processes > 1:
         tmp = broadcast_object_list([tmp])[0]  # every process saves its part into the main process's directory
-    accelerator.save_state(str(tmp))
+    if write_state is None:
+        accelerator.save_state(str(tmp))
+    else:
+        write_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         config.save(tmp / RUN_CONFIG_FILE)
@@ -171,3 +185,70 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's live process
     return True
+
+
+# ---- the training state of sharded runs, and across the two kinds ---------------------------------------------------
+
+
+def save_sharded_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                       process_index: int) -> None:
+    """Write a sharded run's state into `directory`; every process calls it with its own part.
+
+    Model and optimizer go to `SHARDED_STATE_DIR` through torch.distributed.checkpoint (each process writes its
+    shards, process 0 the metadata; keys are parameter names, so any number of processes, sharded or not, can read
+    them back); the schedule and this process's RNG states go where Accelerate's `save_state` puts them.
+    """
+    import torch.distributed.checkpoint as dcp
+    from accelerate.checkpointing import save_accelerator_state
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / SHARDED_STATE_DIR))
+    save_accelerator_state(str(directory), [], [], [scheduler], [], process_index, step=0)
+
+
+def load_training_state(ckpt: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler, process_index: int) -> None:
+    """Restore model, optimizer, schedule and this process's RNG states from a checkpoint of either kind.
+
+    `model` is the unwrapped model, sharded by FSDP or not; `optimizer` the torch optimizer itself. A sharded
+    checkpoint is read through torch.distributed.checkpoint, which reshards it for this run's processes (however many
+    wrote it); a DDP checkpoint's whole weights and optimizer state are read by every process and sharded, if the
+    model is, as they load. Every process must call it.
+
+    Raises:
+        CheckpointError: the optimizer state does not fit this run's parameters.
+    """
+    import torch.distributed.checkpoint as dcp
+    from accelerate.checkpointing import load_accelerator_state
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    ckpt = Path(ckpt)
+    if is_sharded_checkpoint(ckpt):
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(ckpt / SHARDED_STATE_DIR))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        saved = torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        set_state_dict(model, optimizer, model_state_dict=read_checkpoint_weights(ckpt),
+                       optim_state_dict=_named_optimizer_state(saved, model, optimizer, ckpt),
+                       options=StateDictOptions(full_state_dict=True))
+    load_accelerator_state(str(ckpt), [], [], [scheduler], [], process_index)
+
+
+def _named_optimizer_state(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           ckpt: Path) -> dict:
+    """A torch optimizer state dict (parameters numbered in group order) keyed by parameter names instead.
+
+    The numbering is that of `optimizer`'s groups, which this run builds the way the saving run did."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    if [len(g) for g in groups] != [len(g["params"]) for g in saved["param_groups"]]:
+        raise CheckpointError(f"{ckpt / OPTIMIZER_FILE}: its parameter groups hold "
+                              f"{[len(g['params']) for g in saved['param_groups']]} parameters, this model's "
+                              f"{[len(g) for g in groups]}: the checkpoint is of another model")
+    by_index = {index: name for group, names_ in zip(saved["param_groups"], groups)
+                for index, name in zip(group["params"], names_)}
+    return {"state": {by_index[index]: value for index, value in saved["state"].items()},
+            "param_groups": [{**group, "params": names_} for group, names_ in zip(saved["param_groups"], groups)]}

@@ -168,6 +168,10 @@ class TrainConfig:
                               ">= 0")
     cpu_threads: int = _key(0, "torch threads per process on CPU; 0 = the available cores / processes on this machine",
                             ">= 0")
+    sharding: str = _key("ddp", "ddp (every process holds the whole model) | fsdp (parameters, gradients and optimizer "
+                                "state sharded over the processes; see scaling.md)")
+    fsdp_offload: bool = _key(False, "with sharding=fsdp: keep the shards, gradients and optimizer state in host "
+                                     "memory")
     compile: bool = _key(False, "torch.compile the towers (see compile_scope)")
     compile_scope: str = _key("blocks", "what train.compile compiles: blocks (each transformer block) | model (the "
                                         "forward)")
@@ -226,6 +230,8 @@ SIGMOID_EXCHANGES = ("ring", "gather")
 DECODE_CHOICES = ("auto", "workers", "device")
 # train.attention: "auto", PyTorch's own choice, or one scaled_dot_product_attention backend (clipalign.model)
 ATTENTION_CHOICES = ("auto", "torch", "math", "flash", "efficient", "cudnn")
+# train.sharding: DDP (whole model per process) or FSDP2 (clipalign.sharding)
+SHARDING_CHOICES = ("ddp", "fsdp")
 
 _CHOICES = {
     ("loss", "kind"): LOSS_KINDS,
@@ -235,6 +241,7 @@ _CHOICES = {
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "attention"): ATTENTION_CHOICES,
     ("train", "compile_scope"): ("blocks", "model"),
+    ("train", "sharding"): SHARDING_CHOICES,
     ("train", "patch_embed"): ("auto", "conv", "matmul"),
     ("eval", "precision"): ("fp32", "bf16", "fp16"),
     ("data", "decode"): DECODE_CHOICES,

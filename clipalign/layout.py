@@ -11,6 +11,8 @@ A run directory (`train.output_dir`):
     checkpoints/step_XXXXXXXX/    checkpoint_dir()         a checkpoint, holding
       model.safetensors           CHECKPOINT_WEIGHTS_FILE  the model's weights, as Accelerate's save_state names them
       ...                                                  the rest of Accelerate's state (optimizer, scheduler, RNG)
+      sharded_state/              SHARDED_STATE_DIR        instead of the two above, from train.sharding=fsdp: model and
+                                                           optimizer state as torch.distributed.checkpoint shards
       config.yaml                 RUN_CONFIG_FILE          the resolved config again
       tokenizer.model             TOKENIZER_FILE           the SentencePiece tokenizer, when the run used one
       trainer_state.json          TRAINER_STATE_FILE       written last: step, samples seen, data positions
@@ -44,6 +46,7 @@ import json
 import os
 import re
 import secrets
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +66,8 @@ _CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})$")
 
 # ---- checkpoint directory ---------------------------------------------------------------------------------------
 CHECKPOINT_WEIGHTS_FILE = "model.safetensors"  # what Accelerate's save_state writes for the first prepared model
+OPTIMIZER_FILE = "optimizer.bin"  # Accelerate's name for the (first) optimizer's state
+SHARDED_STATE_DIR = "sharded_state"  # torch.distributed.checkpoint: {"model": ..., "optim": ...}, one file per process
 TRAINER_STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece tokenizer travels with checkpoints and exports under this name
 
@@ -241,18 +246,46 @@ def checkpoint_run_dir(ckpt: str | os.PathLike) -> Path:
     return Path(ckpt).parent.parent
 
 
+def is_sharded_checkpoint(ckpt: str | os.PathLike) -> bool:
+    """Whether a checkpoint holds its model and optimizer as torch.distributed.checkpoint shards (FSDP runs)."""
+    return (Path(ckpt) / SHARDED_STATE_DIR / ".metadata").is_file()
+
+
 def read_checkpoint_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model's state dict in a checkpoint directory.
+    """The model's state dict in a checkpoint directory, whole, whichever way it was saved.
+
+    A sharded checkpoint's weights are assembled from every process's file in this one process (no process group
+    needed), so a checkpoint of N processes reads the same on one.
 
     Raises:
         FileNotFoundError: the checkpoint holds no model weights.
     """
+    if is_sharded_checkpoint(ckpt):
+        return _read_sharded_weights(Path(ckpt) / SHARDED_STATE_DIR)
     from safetensors.torch import load_file
 
     weights = Path(ckpt) / CHECKPOINT_WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no model weights in this checkpoint")
+        raise FileNotFoundError(f"{weights}: no model weights in this checkpoint (nor {SHARDED_STATE_DIR}/)")
     return load_file(str(weights))
+
+
+def _read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(directory))
+    prefix = "model."
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in reader.read_metadata().state_dict_metadata.items()
+             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    if not state:
+        raise FileNotFoundError(f"{directory}: no model weights in this sharded checkpoint")
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return {key[len(prefix):]: value for key, value in state.items()}
 
 
 # ---- export directory -------------------------------------------------------------------------------------------

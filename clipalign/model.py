@@ -211,25 +211,34 @@ def use_matmul_patch_embed(model: nn.Module) -> int:
     return switched
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of both towers, in module order: each member of a `ModuleList` or `Sequential` of at
+    least two modules of one class (open_clip's `resblocks`, timm's `blocks`, a ConvNeXt's stages). Lists inside a
+    block are part of it. Towers without such lists contribute nothing."""
+    blocks: list[nn.Module] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(done + ".") for done in inside):
+            continue
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2 \
+                and len({type(m) for m in module}) == 1:
+            blocks.extend(module)
+            inside.extend(f"{name}.{index}" for index in range(len(module)))
+    return blocks
+
+
 def compile_blocks(model: nn.Module) -> int:
     """Regional compilation: `torch.compile` each transformer block of both towers in place; returns how many.
 
-    A block is a member of a `ModuleList` or `Sequential` of at least two modules of one class (open_clip's
-    `resblocks`, timm's `blocks`). Blocks of one class share their compiled code (parameters are graph inputs), so
-    compiling costs about what one block of each tower costs, and a new text length recompiles one small graph (then
-    runs with dynamic shapes) rather than the whole model. Parameter names do not change. Towers without such blocks
-    (convolutional ones) are left eager.
+    The blocks are `transformer_blocks(model)`. Blocks of one class share their compiled code (parameters are graph
+    inputs), so compiling costs about what one block of each tower costs, and a new text length recompiles one small
+    graph (then runs with dynamic shapes) rather than the whole model. Parameter names do not change. Towers without
+    such blocks (convolutional ones) are left eager.
     """
-    compiled: list[str] = []
-    for name, module in model.named_modules():
-        inside = any(name.startswith(done + ".") for done in compiled)
-        if inside or not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
-            continue
-        if len({type(m) for m in module}) == 1:
-            for index, block in enumerate(module):
-                block.compile()
-                compiled.append(f"{name}.{index}")
-    return len(compiled)
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 def vision_tokens(visual: nn.Module) -> int | None:

@@ -28,10 +28,12 @@ from clipalign.accumulate import forward_backward
 from clipalign.checkpoint import (
     CheckpointError,
     latest_checkpoint,
+    load_training_state,
     read_trainer_state,
     resolve_checkpoint,
     rng_restore_error,
     save_checkpoint,
+    save_sharded_state,
 )
 from clipalign.config import Config, ConfigError, describe_keys, load_config
 from clipalign.data.device_decode import device_images, resolve_decode
@@ -44,6 +46,7 @@ from clipalign.layout import (
     SUMMARY_FILE,
     TOKENIZER_FILE,
     RunDirBusy,
+    is_sharded_checkpoint,
     keys_file,
     lock_run_dir,
     release_run_dir,
@@ -51,6 +54,7 @@ from clipalign.layout import (
 )
 from clipalign.loss import build_loss
 from clipalign.model import compile_blocks, create_model, trim_padding, use_matmul_patch_embed
+from clipalign.sharding import clip_grad_norm, full_state_dict, is_sharded, shard_model, sync_replicated_grads
 from clipalign.tokenizer import SentencePieceTokenizer, Tokenizer
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -118,19 +122,28 @@ def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, cfg: Config, state: dict,
-                tokenizer: Tokenizer) -> Path:
+                tokenizer: Tokenizer, sharded: tuple | None = None) -> Path:
+    """Save a checkpoint; `sharded` = (model, optimizer, scheduler) of a sharded run, whose state is written as
+    torch.distributed.checkpoint shards rather than by Accelerate."""
     # a SentencePiece tokenizer travels with the weights: the checkpoint alone must rebuild the model
     files = {TOKENIZER_FILE: tokenizer.model_proto} if isinstance(tokenizer, SentencePieceTokenizer) else None
-    return save_checkpoint(accelerator, run_dir, step, cfg, state, keep=cfg.train.keep_checkpoints, files=files)
+    write_state = None
+    if sharded is not None:
+        def write_state(directory: Path) -> None:
+            save_sharded_state(directory, *sharded, process_index=accelerator.process_index)
+    return save_checkpoint(accelerator, run_dir, step, cfg, state, keep=cfg.train.keep_checkpoints, files=files,
+                           write_state=write_state)
 
 
 def _trainer_state(accelerator: Accelerator, samples_seen: int, positions: dict[int, tuple[int, int]],
-                   streams: int) -> dict:
-    """What a checkpoint records beyond Accelerate's state: samples seen and every data stream's position."""
+                   streams: int, sharding: str) -> dict:
+    """What a checkpoint records beyond Accelerate's state: samples seen, every data stream's position, and the
+    processes that wrote it (how many, and whether they sharded the model)."""
     merged: dict[str, list[int]] = {}
     for part in gather_object([positions]):  # one dict per process
         merged.update({str(stream): list(pos) for stream, pos in part.items()})
-    return {"samples_seen": samples_seen, "data": {"streams": streams, "positions": merged}}
+    return {"samples_seen": samples_seen, "data": {"streams": streams, "positions": merged},
+            "processes": accelerator.num_processes, "sharding": sharding}
 
 
 def _data_start(state: dict, streams: int) -> dict[int, tuple[int, int]]:
@@ -165,6 +178,8 @@ class NonfiniteGuard:
     def __init__(self, optimizer: torch.optim.Optimizer, world: int, limit: int, run_dir: Path):
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
         self.on_device = all(group.get("fused") for group in self.optimizer.param_groups)
+        # where the update runs: the parameters' device (host memory when FSDP offloads them)
+        self.update_device = next(p.device for g in self.optimizer.param_groups for p in g["params"])
         self.world, self.limit, self.run_dir = world, limit, run_dir
         self.total = self.run = 0
         self.pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []  # (step, verdict, copy done)
@@ -175,7 +190,7 @@ class NonfiniteGuard:
         if not self.on_device:
             self._record(step, bool(finite))
             return bool(finite)
-        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.found_inf = (~finite).float().to(self.update_device)
         if finite.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(finite, non_blocking=True)
@@ -284,6 +299,11 @@ def train(cfg: Config) -> dict:
     # ---- processes, precision, run directory -------------------------------------------------------------------
     if cfg.train.accum_steps < 1:
         raise ConfigError(f"train.accum_steps must be at least 1, got {cfg.train.accum_steps}")
+    if cfg.train.sharding == "fsdp" and cfg.train.precision == "fp16":
+        raise ConfigError("train.sharding=fsdp trains with train.precision=bf16 or fp32: fp16 needs a loss scale "
+                          "that the sharded gradients do not get")
+    if cfg.train.fsdp_offload and cfg.train.sharding != "fsdp":
+        raise ConfigError("train.fsdp_offload=true offloads FSDP's shards: it needs train.sharding=fsdp")
     _refuse_sharded_strategies()
     run_dir = Path(cfg.train.output_dir)
     log_with = None if cfg.train.log_with in ("", "none") else cfg.train.log_with
@@ -301,14 +321,18 @@ def train(cfg: Config) -> dict:
 
 
 def _refuse_sharded_strategies() -> None:
-    """Stop a launch that asks for FSDP or DeepSpeed before it starts: clipalign trains with DDP only. On CPU,
-    Accelerate would silently drop the request and run DDP; on GPUs, evaluation and export would not see whole
-    parameters. `accelerate launch` passes both requests (config file or flags) to the processes as these variables."""
-    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
-        if parse_flag_from_env(flag):
-            raise ConfigError(f"this launch asks for {name} ({flag}=true, from `accelerate config` or the "
-                              f"launcher's flags), but clipalign trains with DDP only: launch with --multi_gpu "
-                              f"(see docs/scaling.md for models that do not fit one device)")
+    """Stop a launch that asks Accelerate for FSDP or DeepSpeed before it starts. Sharding is the recipe's choice
+    (`train.sharding=fsdp`, PyTorch's FSDP2, the same on CPU and GPU); Accelerate's own FSDP would drop the request
+    without a word on CPU, and DeepSpeed is not supported. `accelerate launch` passes both requests (config file or
+    flags) to the processes as these variables."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        raise ConfigError("this launch asks Accelerate for FSDP (ACCELERATE_USE_FSDP=true, from `accelerate config` "
+                          "or the launcher's flags); clipalign shards the model itself: launch with --multi_gpu and "
+                          "set train.sharding=fsdp (see docs/scaling.md)")
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError("this launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true, from `accelerate config` "
+                          "or the launcher's flags), which clipalign does not support: launch with --multi_gpu, and "
+                          "for models that do not fit one device set train.sharding=fsdp (see docs/scaling.md)")
 
 
 def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str | None) -> dict:
@@ -317,6 +341,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
+    sharded = cfg.train.sharding == "fsdp"
 
     # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
     model = create_model(cfg.model, cfg.loss.kind)
@@ -330,6 +355,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     if cfg.train.compile:
         # in place: the modules keep their parameter names, so checkpoints and exports are unchanged
         model.compile() if cfg.train.compile_scope == "model" else compile_blocks(model)
+    if sharded:  # after compiling the blocks, before the optimizer: it must hold the shards
+        shard_model(model, accelerator.device, cfg.train.precision, offload=cfg.train.fsdp_offload)
     loss_fn = build_loss(cfg.loss)
     # fused: one kernel over all parameters; torch's default on CPU is a per-tensor loop, 17x slower on the tiny ViT
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -337,8 +364,10 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                                   fused=cfg.optim.fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if not sharded:  # DDP through Accelerate; a sharded model, its optimizer and schedule are used as they are
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
+    sharded_state = (raw_model, optimizer, scheduler) if sharded else None  # what a sharded checkpoint saves
 
     # ---- data ---------------------------------------------------------------------------------------------------
     _prepare_data(cfg, accelerator, raw_model.image_size)
@@ -362,14 +391,25 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     step, samples_seen, state = 0, 0, {}
     resume = _resume_from(cfg, run_dir)
     if resume is not None:
-        accelerator.load_state(str(resume))
-        # accelerate swallows a failed RNG restore (an info log): check each process's; all stop if one failed
-        rng_errors = [e for e in gather_object([rng_restore_error(resume, accelerator.process_index)]) if e]
-        if rng_errors:
-            raise CheckpointError(f"cannot resume from {resume}: {'; '.join(rng_errors)}")
         state = read_trainer_state(resume)
         step, samples_seen = state["step"], state.get("samples_seen", 0)
-        accelerator.print(f"resumed from {resume} at step {step}")
+        if sharded or is_sharded_checkpoint(resume):  # either kind into either kind, resharded for these processes
+            load_training_state(resume, raw_model, getattr(optimizer, "optimizer", optimizer), scheduler,
+                                accelerator.process_index)
+        else:
+            accelerator.load_state(str(resume))
+        if state.get("processes", world) == world:
+            # accelerate swallows a failed RNG restore (an info log): check each process's; all stop if one failed
+            rng_errors = [e for e in gather_object([rng_restore_error(resume, accelerator.process_index)]) if e]
+            if rng_errors:
+                raise CheckpointError(f"cannot resume from {resume}: {'; '.join(rng_errors)}")
+        else:
+            warnings.warn(f"{resume} was written by {state['processes']} processes and this run has {world}: the "
+                          f"weights, optimizer state and schedule resume exactly; the random streams (augmentation, "
+                          f"dropout) and the data order start afresh, seeded by the step", stacklevel=2)
+            set_seed(cfg.train.seed + step, device_specific=True)
+        accelerator.print(f"resumed from {resume} at step {step} ({state.get('sharding', 'ddp')} checkpoint, "
+                          f"{cfg.train.sharding} run)")
     streams = world * max(1, cfg.data.workers)
     if cfg.data.resampled:
         # an endless random stream has no position to return to: a resumed run draws a fresh one, seeded by the step
@@ -422,12 +462,17 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         # the first step also counts the FLOPs of a step, for the MFU estimate
         with window.counting_flops():
             loss = forward_backward(model, loss_fn, micro_batches, accelerator)
+        if sharded:
+            sync_replicated_grads(raw_model)  # the temperature (and bias): whole on every process, outside FSDP
         samples_seen += global_batch
 
         # a non-finite loss on any process makes no update anywhere, decided on the device: no wait for the GPU here
         update = nonfinite.arm(accelerator.reduce(torch.isfinite(loss).float(), reduction="sum"), step + 1)
         if cfg.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if sharded:  # the norm of the whole gradient, over every shard
+                clip_grad_norm(raw_model, cfg.optim.grad_clip)
+            else:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         if update:
             optimizer.step()
         scheduler.step()
@@ -453,8 +498,9 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         if (cfg.eval.zeroshot or cfg.eval.retrieval) and cfg.eval.every and step % cfg.eval.every == 0 \
                 and step < cfg.train.steps:
             with window.paused():  # evaluation time is not training time
+                eval_model = _whole_model(cfg, raw_model, accelerator.device)  # every process: a sharded model gathers
                 if is_main:
-                    results = _evaluate(cfg, raw_model)
+                    results = _evaluate(cfg, eval_model)
                     _append_jsonl(metrics_path, {"step": step, **results})
                     if log_with:
                         accelerator.log({f"{kind}/{k}": v for kind, result in results.items()
@@ -462,22 +508,40 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 accelerator.wait_for_everyone()
 
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-            _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams),
-                        tokenizer)
+            _checkpoint(accelerator, run_dir, step, cfg,
+                        _trainer_state(accelerator, samples_seen, positions, streams, cfg.train.sharding), tokenizer,
+                        sharded_state)
     bar.close()
     nonfinite.check(wait=True)
 
     # ---- end: checkpoint, zero-shot, export --------------------------------------------------------------------
-    final = _checkpoint(accelerator, run_dir, step, cfg, _trainer_state(accelerator, samples_seen, positions, streams),
-                        tokenizer)
+    final = _checkpoint(accelerator, run_dir, step, cfg,
+                        _trainer_state(accelerator, samples_seen, positions, streams, cfg.train.sharding), tokenizer,
+                        sharded_state)
     summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(window.skipped_total),
                "loss": last.get("loss")}
+    eval_model = _whole_model(cfg, raw_model, accelerator.device) if cfg.eval.zeroshot or cfg.eval.retrieval \
+        else raw_model
     if is_main:
-        summary.update(_evaluate_and_export(cfg, raw_model, final, metrics_path))
+        summary.update(_evaluate_and_export(cfg, eval_model, final, metrics_path))
         accelerator.print(json.dumps(summary, indent=2))
         write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
+
+
+def _whole_model(cfg: Config, model, device: torch.device):
+    """The model to evaluate: `model` itself, or for a sharded one a whole copy on process 0 (None on the others),
+    built from the gathered weights. Every process must call it."""
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model)  # gathers every shard; process 0 receives them
+    if not state:
+        return None
+    whole = create_model(cfg.model, cfg.loss.kind, load_pretrained=False)
+    whole.load_state_dict(state)
+    whole.tokenizer, whole.attention = model.tokenizer, model.attention
+    return whole.to(device)
 
 
 def _evaluate(cfg: Config, model) -> dict:

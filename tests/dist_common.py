@@ -14,10 +14,10 @@ from accelerate import Accelerator
 _WORDS = ["red", "green", "blue", "small", "large", "striped", "circle", "square", "dog", "cat", "boat", "tree"]
 
 
-def global_batch(tokenizer, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same uint8 images (size, 3, 64, 64) and token ids (size, 32) on every rank."""
-    g = torch.Generator().manual_seed(1234)
-    images = torch.randint(0, 256, (size, 3, 64, 64), dtype=torch.uint8, generator=g)
+def global_batch(tokenizer, size: int, seed: int = 1234, image_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same uint8 images (size, 3, image_size, image_size) and token ids (size, 32) on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (size, 3, image_size, image_size), dtype=torch.uint8, generator=g)
     picks = torch.randint(0, len(_WORDS), (size, 3), generator=g).tolist()
     captions = [f"a {_WORDS[a]} {_WORDS[b]} next to a {_WORDS[c]} number {i}" for i, (a, b, c) in enumerate(picks)]
     return images, tokenizer(captions)
@@ -35,6 +35,15 @@ def reference_features(reference: torch.nn.Module, images: torch.Tensor, tokens:
     out = {key: torch.cat([c[key] for c in chunks]) for key in ("image_features", "text_features")}
     out.update({key: chunks[0][key] for key in ("logit_scale", "logit_bias") if key in chunks[0]})
     return out
+
+
+def reference_contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                               label_smoothing: float = 0.0) -> torch.Tensor:
+    """CLIP loss of one process on the whole batch, written out independently of clipalign.loss."""
+    logits = scale * image @ text.T  # (B_global, B_global)
+    labels = torch.arange(image.shape[0])
+    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
 
 
 def reference_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,

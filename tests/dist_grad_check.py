@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from dist_common import global_batch, grad_diffs, reference_features, reference_sigmoid_loss, run_and_report
+from dist_common import (
+    global_batch,
+    grad_diffs,
+    reference_contrastive_loss,
+    reference_features,
+    reference_sigmoid_loss,
+    run_and_report,
+)
 
 from clipalign.accumulate import forward_backward
 from clipalign.config import ModelConfig
@@ -53,14 +60,6 @@ def _parse_args() -> argparse.Namespace:
     if args.accum < 1 or args.local_batch % args.accum:
         p.error(f"--accum {args.accum} must be a positive divisor of --local-batch {args.local_batch}")
     return args
-
-
-def _reference_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, label_smoothing: float):
-    """CLIP loss of one process on the whole batch, written out independently of clipalign.loss."""
-    logits = scale * image @ text.T  # (B_global, B_global)
-    labels = torch.arange(image.shape[0])
-    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
 
 
 def _loss_fn(args: argparse.Namespace) -> torch.nn.Module:
@@ -104,8 +103,8 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
         ref_loss = reference_sigmoid_loss(ref_out["image_features"], ref_out["text_features"],
                                           ref_out["logit_scale"], ref_out["logit_bias"])
     else:
-        ref_loss = _reference_loss(ref_out["image_features"], ref_out["text_features"], ref_out["logit_scale"],
-                                   args.label_smoothing)
+        ref_loss = reference_contrastive_loss(ref_out["image_features"], ref_out["text_features"],
+                                              ref_out["logit_scale"], args.label_smoothing)
     ref_loss.backward()
     grads = grad_diffs({name: p.grad for name, p in accelerator.unwrap_model(ddp_model).named_parameters()},
                        reference)

@@ -45,10 +45,12 @@ def _assert_same_grads(a, b):
         assert rel < RTOL, f"{name}: relative difference {rel:.2e}"
 
 
-@pytest.mark.parametrize("kind, mode", [("contrastive", "local"), ("contrastive", "dense")])
-def test_accumulated_micro_batches_give_the_big_batch_gradients(accelerator, kind, mode):
+@pytest.mark.parametrize("kind, mode, lock_image", [("contrastive", "local", False), ("contrastive", "dense", False),
+                                                    ("contrastive", "local", True)])
+def test_accumulated_micro_batches_give_the_big_batch_gradients(accelerator, kind, mode, lock_image):
+    # lock_image: a locked image tower (LiT) gives features without a graph; only the text side is back-propagated
     set_seed(0)
-    big = create_model(ModelConfig(name="tiny-vit-64"), kind)
+    big = create_model(ModelConfig(name="tiny-vit-64", lock_image=lock_image), kind)
     small = copy.deepcopy(big)
     loss_fn = build_loss(LossConfig(kind=kind, mode=mode))
     images, texts = _batch(big, 16)

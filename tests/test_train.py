@@ -169,7 +169,7 @@ def test_console_script_help():
 
 
 def test_a_launch_asking_for_fsdp_or_deepspeed_stops_before_training(tmp_path):
-    # on CPU Accelerate would drop an FSDP request and run DDP: the user must hear it, not find out from the memory
+    # on CPU Accelerate would drop an FSDP request and run DDP: the user must hear it, and learn the recipe's key
     run = tmp_path / "run"
     config = tmp_path / "fsdp.yaml"  # what `accelerate config` writes for FSDP
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
@@ -177,8 +177,8 @@ def test_a_launch_asking_for_fsdp_or_deepspeed_stops_before_training(tmp_path):
     proc = _accelerate_launch(2, [str(QUICKSTART), f"train.output_dir={run}"], _env(tmp_path), config)
     assert proc.returncode != 0
     # every process stops; the launcher may end the second before it has printed the same line
-    assert "clipalign-train: error: this launch asks for FSDP (ACCELERATE_USE_FSDP=true" in proc.stderr
-    assert "clipalign trains with DDP only" in proc.stderr
+    assert "clipalign-train: error: this launch asks Accelerate for FSDP (ACCELERATE_USE_FSDP=true" in proc.stderr
+    assert "set train.sharding=fsdp" in proc.stderr
     env = _env(tmp_path)
     env["ACCELERATE_USE_DEEPSPEED"] = "true"
     proc = subprocess.run([sys.executable, "-m", "clipalign.train", str(QUICKSTART), f"train.output_dir={run}"],
