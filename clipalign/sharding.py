@@ -50,7 +50,8 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "fp32",
 
     Args:
         model: the dual encoder, built the same way (same seed) on every process.
-        device: this process's device; the model moves there (its shards, with `offload`, stay in host memory).
+        device: this process's device; each unit's shards move there as it is sharded (with `offload` they stay in
+            host memory), so the model may be built in host memory and be larger than the device.
         precision: "fp32" or "bf16" (the blocks' mixed-precision policy); fp16 needs loss scaling FSDP does not offer.
         offload: keep shards, gradients and optimizer state in host memory.
     """
@@ -63,7 +64,11 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "fp32",
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("train.sharding=fsdp needs a process group: create the Accelerator first "
                            "(launch with `accelerate launch`)")
-    model.to(device)
+    # fully_shard moves each unit's shards (and buffers) to the device: the whole model never has to fit there.
+    # The scalars it leaves whole move here.
+    replicated = replicated_params(model)
+    for p in replicated:
+        p.data = p.data.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     offload_policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     reduce_fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)
@@ -73,7 +78,7 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "fp32",
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=block_policy, offload_policy=offload_policy)
     fully_shard(model, mesh=mesh, mp_policy=reduce_fp32, offload_policy=offload_policy,
-                ignored_params=set(replicated_params(model)))
+                ignored_params=set(replicated))
     return len(blocks)
 
 

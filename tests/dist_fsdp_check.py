@@ -13,9 +13,9 @@ after the steps, and the loss of each step:
 Scenarios (all of them by default): the contrastive loss's local and tiled modes, the sigmoid loss's ring and gather
 exchanges, accumulation over 2 micro-batches (local and tiled), gradient checkpointing with a locked image tower
 (LiT), a timm image tower (ConvNeXt), gradient clipping to a norm below the gradient's, compiled blocks
-(`train.compile`), and bf16 (FSDP's mixed-precision policy against DDP under bf16 autocast). After the steps, the
-fp32 scenarios also check the non-finite guard: a step whose verdict is "not finite" leaves the sharded parameters
-and moments as they were.
+(`train.compile`), shards and optimizer state offloaded to host memory, and bf16 (FSDP's mixed-precision policy
+against DDP under bf16 autocast). After the steps, the fp32 scenarios also check the non-finite guard: a step whose
+verdict is "not finite" leaves the sharded parameters and moments as they were.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from clipalign.sharding import clip_grad_norm, full_state_dict, shard_model, syn
 from clipalign.train import NonfiniteGuard, param_groups
 
 # name -> what differs from the "local" scenario: loss kind, contrastive mode or sigmoid exchange, micro-batches per
-# step, model config keys, gradient clip, precision, compiled blocks
+# step, model config keys, gradient clip, precision, compiled blocks, offload
 _BASE = {"kind": "contrastive", "variant": "local", "accum": 1, "model": {}, "clip": 0.0, "precision": "fp32",
-         "compile": False}
+         "compile": False, "offload": False}
 SCENARIOS = {name: {**_BASE, **changes} for name, changes in {
     "local": {},
     "tiled": {"variant": "tiled"},
@@ -59,6 +59,7 @@ SCENARIOS = {name: {**_BASE, **changes} for name, changes in {
     "timm": {"model": {"name": "tiny-convnext-64"}},
     "clip": {"clip": 0.05},
     "compile": {"compile": True},
+    "offload": {"offload": True},
     "bf16": {"precision": "bf16"},
 }.items()}
 
@@ -125,7 +126,7 @@ def _scenario(accelerator: Accelerator, name: str, args: argparse.Namespace) -> 
     fsdp = copy.deepcopy(model)
     if scenario["compile"]:  # as the trainer does: compile the blocks, then shard them
         compile_blocks(fsdp)
-    shard_model(fsdp, accelerator.device, precision)
+    shard_model(fsdp, accelerator.device, precision, offload=scenario["offload"])
     ddp = DistributedDataParallel(copy.deepcopy(model))
     reference = model if rank == 0 else None
     optimizers = {"fsdp": _optimizer(fsdp), "ddp": _optimizer(ddp.module)}

@@ -19,7 +19,8 @@ def test_the_gpu_plan_covers_every_figure_of_the_issue(tmp_path):
     assert list(steps) == ["train-b32-b256", "train-b32-b512", "train-b16-b256",
                            "train-b32-b256-notrim", "train-b32-b512-notrim", "train-b16-b256-notrim",
                            "loss-16384", "loss-32768", "loss-65536", "decode",
-                           "train-b32-b256-compile", "train-b32-b512-compile", "train-b16-b256-compile"]
+                           "train-b32-b256-compile", "train-b32-b512-compile", "train-b16-b256-compile",
+                           "train-b16-b256-fsdp"]
     b512 = steps["train-b32-b512"]
     assert b512[b512.index("--model") + 1] == "ViT-B-32" and b512[b512.index("--batch-size") + 1] == "512"
     assert b512[b512.index("--workers") + 1] == "8" and b512[b512.index("--device") + 1] == "cuda"
@@ -33,6 +34,24 @@ def test_the_gpu_plan_covers_every_figure_of_the_issue(tmp_path):
     assert loss[loss.index("--tiled-kernels") + 1:loss.index("--tiled-kernels") + 3] == ["triton", "torch"]
     decode = steps["decode"]
     assert "--decode-bench" in decode and decode[decode.index("--device") + 1] == "cuda"
+    # FSDP: the same training as train-b16-b256, ours only, last (the first step the budget drops)
+    fsdp, b16 = steps["train-b16-b256-fsdp"], steps["train-b16-b256"]
+    assert fsdp[:b16.index("--json")] == b16[:b16.index("--json")]
+    assert "--skip-reference" in fsdp and fsdp[fsdp.index("--ours-args") + 1] == "train.sharding=fsdp"
+    assert fsdp[fsdp.index("--json") + 1].endswith("train-b16-b256-fsdp.json")
+
+
+def test_the_fsdp_step_gets_a_process_group_of_one_process(tmp_path):
+    args = gr._parse_args(["--out", str(tmp_path)])
+    steps = {s.name: s for s in gr.plan(args, {224: "/data/train-{000..009}.tar"}, tmp_path)}
+    assert steps["train-b16-b256-fsdp"].env == gr.one_process_group()
+    assert {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items() <= gr.one_process_group().items()
+    assert not any(s.env for name, s in steps.items() if name != "train-b16-b256-fsdp")
+    # the step's variables reach its process
+    probe = gr.Step("env", "prints", [sys.executable, "-c", "import os; print('rank', os.environ['LOCAL_RANK'])"],
+                    10, tmp_path / "none.json", env=gr.one_process_group())
+    gr.run_step(probe, tmp_path, remaining_s=100)
+    assert "rank 0" in probe.log_tail
 
 
 def test_a_step_past_its_limit_is_killed_with_its_children_and_the_budget_skips_the_rest(tmp_path):
@@ -62,8 +81,12 @@ def test_training_rows_combine_ours_the_reference_and_the_variants(tmp_path):
     base = step("train-b32-b512", {"rows": [{"ours": 6000.0, "reference": 2800.0, "ours_mfu": 0.25,
                                              "ours_data_wait": 0.015}]}, {})
     notrim = step("train-b32-b512-notrim", {"rows": [{"ours": 5000.0, "reference": None}]}, {"flag": "x"})
+    fsdp = step("train-b32-b512-fsdp", {"rows": [{"ours": 4500.0, "reference": None}]}, {"flag": "y"})
     md = gr.markdown([base, notrim], gr.environment("cpu"))
-    assert "| ViT-B-32 batch 512 | 6000 | 2800 | 2.14x | 25.0% | 1.5% | 5000 | 1.79x | – | – |" in md
+    assert "| ViT-B-32 batch 512 | 6000 | 2800 | 2.14x | 25.0% | 1.5% | 5000 | 1.79x | – | – | – | – |" in md
+    # FSDP's ratio is to ours under DDP, not to the reference
+    md = gr.markdown([base, notrim, fsdp], gr.environment("cpu"))
+    assert "| ViT-B-32 batch 512 | 6000 | 2800 | 2.14x | 25.0% | 1.5% | 5000 | 1.79x | – | – | 4500 | 0.75x |" in md
 
 
 def test_the_loss_and_decode_steps_run_for_real_on_cpu(tmp_path):

@@ -3,7 +3,8 @@
 Real gloo processes under `accelerate launch`, real shards, the real trainer; no mocks.
 
 Tolerances (fp32, tiny-vit-64, AdamW lr 1e-3, 3 steps, which move the weights by 3.1e-3 at most):
-- FSDP against DDP on the same processes: largest weight difference <= 1e-5 (measured 0 to 3.3e-6);
+- FSDP against DDP on the same processes: largest weight difference <= 1e-5 (measured 0 to 3.3e-6; compiled blocks,
+  against DDP's eager ones, <= 1e-4, measured 2.4e-5);
 - FSDP or DDP against one process on the global batch: <= 1e-4 (measured <= 3.6e-5; the first Adam steps move each
   weight by about lr whatever its gradient's size, so rounding differences in tiny gradients show at that scale);
   the difference of the updates relative to the update, over all weights, <= 1e-3 (measured <= 4e-5).
@@ -27,7 +28,7 @@ from clipalign.layout import SHARDED_STATE_DIR, is_sharded_checkpoint, read_chec
 FSDP_CHECK = REPO / "tests" / "dist_fsdp_check.py"
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 FP32_SCENARIOS = ["local", "tiled", "sigmoid-ring", "sigmoid-gather", "accum", "tiled-accum", "lit-checkpointing",
-                  "timm", "clip", "compile"]
+                  "timm", "clip", "compile", "offload"]
 FOUR_PROCESS_SCENARIOS = ["local", "sigmoid-ring", "tiled-accum"]
 _RUNS = {"2": (2, []), "4": (4, ["--scenarios", *FOUR_PROCESS_SCENARIOS])}
 
@@ -47,7 +48,8 @@ def test_fsdp_trains_the_weights_ddp_and_one_process_train(fsdp_check, processes
     assert r["same_keys"] and r["num_params"] > 50
     assert r["max_abs_change"] > 1e-3  # the steps did move the weights
     diff = r["max_abs_diff"]
-    assert diff["fsdp-ddp"] <= 1e-5, diff
+    # compiled blocks round differently from DDP's eager ones (measured 2.4e-5): held to the one-process bound
+    assert diff["fsdp-ddp"] <= (1e-4 if scenario == "compile" else 1e-5), diff
     assert diff["fsdp-reference"] <= 1e-4 and diff["ddp-reference"] <= 1e-4, diff
     assert r["update_rel_l2"]["fsdp-reference"] <= 1e-3, r["update_rel_l2"]
     assert r["losses"]["fsdp"] == pytest.approx(r["losses"]["reference"], rel=1e-5)

@@ -19,6 +19,10 @@ It runs the project's own benchmark scripts, each in a subprocess with a time li
 4. decoding: images/s of PIL in the DataLoader workers' path against the device path (`data.decode=device`) on
    photo-like 512 px JPEGs (`tools/benchmark_data.py --decode-bench`).
 5. ours with `train.compile=true` (regional compile of the transformer blocks), if time remains.
+6. ours with `train.sharding=fsdp` (FSDP2 over one process) on ViT-B/16 at batch 256, beside the DDP row's figure
+   (ratio FSDP / DDP), last: the first step the budget drops. One GPU means one process, so the step gets the
+   variables `torchrun --nproc_per_node 1` sets (`one_process_group`), from which Accelerate starts the process
+   group that FSDP's device mesh needs.
 
 A step that would not fit the remaining budget is skipped and reported as such; a step that fails or times out is
 reported with the tail of its log, and the next step runs. Steps left out can be run in a second call with
@@ -66,6 +70,7 @@ class Step:
     seconds: float = 0.0
     log_tail: str = ""
     meta: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # set in the step's environment, over the report's own
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
@@ -158,7 +163,23 @@ def plan(args: argparse.Namespace, data: dict[int, str], out: Path) -> list[Step
     out_steps.append(Step("decode", "JPEG decode + crop + resize", [*decode, "--json", str(out / "decode.json")],
                           60 if args.smoke else 120, out / "decode.json"))
     out_steps += variant("train.compile=true", "compile")
+    # FSDP beside DDP on the largest model only, last (the first step dropped when the budget runs short)
+    fsdp_base = next((s for s in trainings if s.name == "train-b16-b256"), trainings[-1])
+    cut = fsdp_base.argv.index("--json")
+    out_steps.append(Step(f"{fsdp_base.name}-fsdp", f"{fsdp_base.title}, train.sharding=fsdp",
+                          [*fsdp_base.argv[:cut], "--skip-reference", "--ours-args", "train.sharding=fsdp", "--json",
+                           str(out / f"{fsdp_base.name}-fsdp.json")], fsdp_base.limit_s,
+                          out / f"{fsdp_base.name}-fsdp.json", meta={**fsdp_base.meta, "flag": "train.sharding=fsdp"},
+                          env=one_process_group()))
     return out_steps
+
+
+def one_process_group() -> dict[str, str]:
+    """What `torchrun --nproc_per_node 1` sets: with them, Accelerate starts a process group of one process (NCCL on
+    a GPU, gloo on CPU), which `train.sharding=fsdp` needs, for a plain `python -m clipalign.train`. Port 0: the
+    store of the only process listens on any free port."""
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "0"}
 
 
 # ---- running ---------------------------------------------------------------------------------------------------------
@@ -173,6 +194,7 @@ def run_step(step: Step, logs: Path, remaining_s: float) -> None:
     log = logs / f"{step.name}.log"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.update(step.env)
     start = time.monotonic()
     with open(log, "w") as f:
         # a session of its own: on a time-out the whole group goes (trainers, their DataLoader workers, launchers)
@@ -211,8 +233,8 @@ def markdown(steps: list[Step], env: dict) -> str:
              f"(torch {env.get('torch', '?')}, {env.get('cpus', '?')} CPU cores), {env.get('date', '?')}; "
              f"one repeat per configuration, medians over logged windows.", "",
              "| configuration | ours samples/s | open_clip_train samples/s | ratio | ours MFU | ours data wait "
-             "| ours, trim_text=false | ratio | ours, compile | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| ours, trim_text=false | ratio | ours, compile | ratio | ours, FSDP | FSDP / DDP |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for step in steps:
         if not step.name.startswith("train-") or "flag" in step.meta:
             continue
@@ -224,6 +246,9 @@ def markdown(steps: list[Step], env: dict) -> str:
             variant = by_name.get(f"{step.name}-{key}")
             vrow = (variant.result or {}).get("rows", [{}])[0] if variant and variant.result else {}
             cells += [_num(vrow.get("ours")), _ratio(vrow.get("ours"), ref)]
+        fsdp = by_name.get(f"{step.name}-fsdp")  # its ratio is to ours under DDP (the reference has no FSDP run)
+        frow = (fsdp.result or {}).get("rows", [{}])[0] if fsdp and fsdp.result else {}
+        cells += [_num(frow.get("ours")), _ratio(frow.get("ours"), row.get("ours"))]
         if step.status != "ok":
             cells[0] += f" ({step.status})"
         lines.append("| " + " | ".join(cells) + " |")
