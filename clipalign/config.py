@@ -415,3 +415,41 @@ def config_from_dict(mapping: dict, source: str = "config") -> Config:
 def read_config(path: str | os.PathLike) -> Config:
     """Read a resolved `config.yaml` written by a run."""
     return load_config(path)
+
+
+# ---- what may leave the run directory -------------------------------------------------------------------------------
+
+
+def redact_source(spec: str) -> str:
+    """A data source spec as it may be shown outside the run: each `pipe:` command (which may carry keys or tokens)
+    and each URL's query string and user info (signed URLs, `user:password@`) replaced by a marker. Sources are
+    separated by `::`; local paths and plain URLs stay as they are."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = []
+    for source in spec.split("::"):
+        stripped = source.strip()
+        if stripped.startswith("pipe:"):
+            parts.append("pipe:<command redacted>")
+        elif "://" in stripped:
+            url = urlsplit(stripped)
+            netloc = ("<user redacted>@" if "@" in url.netloc else "") + url.netloc.rsplit("@", 1)[-1]
+            parts.append(urlunsplit((url.scheme, netloc, url.path, "<query redacted>" if url.query else "",
+                                     url.fragment)))
+        else:
+            parts.append(stripped)
+    return "::".join(parts)
+
+
+# the keys that name data sources, and are redacted in what is shared (trackers, export model cards)
+SOURCE_KEYS = (("data", "train"), ("eval", "zeroshot"), ("eval", "retrieval"))
+
+
+def shareable_config(cfg: Config) -> dict[str, dict[str, Any]]:
+    """`cfg.to_dict()` with every data source redacted (`redact_source`), for trackers and exports; the run's own
+    config.yaml keeps the exact values."""
+    out = cfg.to_dict()
+    for section, key in SOURCE_KEYS:
+        if out[section][key]:
+            out[section][key] = redact_source(out[section][key])
+    return out

@@ -27,7 +27,7 @@ from torch import nn
 
 from clipalign import __version__
 from clipalign.checkpoint import read_trainer_state, resolve_checkpoint
-from clipalign.config import read_config
+from clipalign.config import read_config, redact_source
 from clipalign.layout import (
     EXPORT_CONFIG_FILE,
     EXPORT_WEIGHTS_FILE,
@@ -123,7 +123,9 @@ def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict
     ckpt = resolve_checkpoint(path)
     state = read_trainer_state(ckpt)
     cfg = read_config(ckpt / RUN_CONFIG_FILE)
-    data = cfg.data.train or (f"synthetic ({cfg.data.synthetic_samples} samples)" if cfg.data.synthetic else "")
+    # the card is shared: pipe: commands and URL credentials are redacted (the run's config.yaml keeps them)
+    data = redact_source(cfg.data.train) if cfg.data.train else (
+        f"synthetic ({cfg.data.synthetic_samples} samples)" if cfg.data.synthetic else "")
     provenance = {"step": state.get("step"), "samples_seen": state.get("samples_seen"), "data": data,
                   "loss": f"{cfg.loss.kind} ({cfg.loss.mode})" if cfg.loss.kind == "contrastive" else cfg.loss.kind,
                   "evaluation": _last_evaluation(checkpoint_run_dir(ckpt) / METRICS_FILE, state.get("step"))}

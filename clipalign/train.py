@@ -12,12 +12,14 @@ import contextlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
+import braceexpand
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env, set_seed
@@ -35,7 +37,7 @@ from clipalign.checkpoint import (
     save_checkpoint,
     save_sharded_state,
 )
-from clipalign.config import Config, ConfigError, describe_keys, load_config
+from clipalign.config import Config, ConfigError, describe_keys, load_config, read_config, shareable_config
 from clipalign.data.device_decode import device_images, resolve_decode
 from clipalign.data.sample import STREAM_SKIP_REASONS as SKIP_REASONS  # one list, in clipalign.data.sample
 from clipalign.data.shards import expand_sources, make_train_loader
@@ -74,6 +76,29 @@ def cpu_threads(requested: int = 0) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def cpu_native_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 matrices natively (x86: AVX-512 BF16 or AMX); None where it cannot be told."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return None
+
+
+def cpu_precision(precision: str, native_bf16: bool | None) -> tuple[str, str]:
+    """The precision a CPU run trains in, and why it differs from the recipe's ("" when it does not).
+
+    Without native bf16, PyTorch multiplies bf16 matrices with its reference kernel: 0.25 GFLOP/s against 65 in fp32
+    on a 2-core machine, a 31 s step where fp32 takes a fraction of one. Such a run trains in fp32 instead.
+    """
+    if precision != "bf16" or native_bf16 is not False:
+        return precision, ""
+    return "fp32", ("train.precision=bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX): PyTorch's fallback "
+                    "bf16 matrix products run about 250x slower than fp32 here, so this run trains in fp32. Set "
+                    "train.precision=fp32 to silence this; bf16 pays off on GPUs and on CPUs with AVX-512 BF16 or AMX")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -118,7 +143,90 @@ def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
         return None
     if cfg.train.resume == "auto":
         return latest_checkpoint(run_dir)  # None on a fresh run: start from scratch
-    return resolve_checkpoint(cfg.train.resume)
+    try:
+        return resolve_checkpoint(cfg.train.resume)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.resume: {e}") from None
+
+
+def _expand_train_sources(spec: str) -> list[list[str]]:
+    """`expand_sources`, with a missing shard or an empty pattern reported as the recipe error it is."""
+    try:
+        return expand_sources(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_eval_sources(cfg: Config) -> None:
+    """The evaluation sets named in the recipe exist (local ones): found now, not after the training."""
+    for key in ("zeroshot", "retrieval", "classnames", "templates"):
+        value = getattr(cfg.eval, key)
+        if not value or "://" in value or value.startswith("pipe:"):
+            continue
+        if key in ("classnames", "templates") and not any(sep in value for sep in "/\\.") :
+            continue  # a built-in set (cifar10, imagenet1k, ...): checked when it is read
+        missing = [p for p in braceexpand.braceexpand(value) if not os.path.exists(p)]
+        if missing:
+            raise ConfigError(f"eval.{key}: {value!r} does not exist" + (f" ({len(missing)} paths, e.g. {missing[0]})"
+                                                                         if missing != [value] else ""))
+
+
+# model keys that may change between a checkpoint and the run resuming from it: they change no parameter
+RESUMABLE_MODEL_KEYS = ("grad_checkpointing", "patch_dropout", "pretrained", "pretrained_image")
+
+
+def _check_resumable(cfg: Config, ckpt: Path) -> None:
+    """Refuse a checkpoint of another model (or loss kind) before building anything, naming what differs."""
+    saved_path = ckpt / RUN_CONFIG_FILE
+    if not saved_path.is_file():
+        return  # an old checkpoint without its config: the weights' shapes are the only check
+    saved = read_config(saved_path)
+    ours, theirs = cfg.to_dict(), saved.to_dict()
+    differing = [f"model.{key} ({theirs['model'][key]!r} in the checkpoint, {ours['model'][key]!r} here)"
+                 for key in ours["model"] if key not in RESUMABLE_MODEL_KEYS and ours["model"][key] !=
+                 theirs["model"].get(key)]
+    if ours["loss"]["kind"] != theirs["loss"]["kind"]:
+        differing.append(f"loss.kind ({theirs['loss']['kind']!r} in the checkpoint, {ours['loss']['kind']!r} here)")
+    if differing:
+        raise CheckpointError(f"cannot resume from {ckpt}: it is a checkpoint of another model: "
+                              f"{'; '.join(differing)}. Resume with the checkpoint's settings, or start a new run "
+                              f"(another train.output_dir, or train.resume='')")
+
+
+_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "fused")
+
+
+def _optimizer_settings(optimizer, scheduler) -> dict:
+    """This run's optimizer hyperparameters per group and the schedule's base rates, as built from the recipe."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # the torch scheduler inside Accelerate's wrapper
+    return {"groups": [{k: g[k] for k in _OPTIMIZER_KEYS if k in g} for g in optimizer.param_groups],
+            "base_lrs": list(scheduler.base_lrs)}
+
+
+def _apply_optimizer_settings(optimizer, scheduler, recipe: dict, ckpt: Path) -> str:
+    """Put the recipe's optimizer settings back over the checkpoint's (loading an optimizer or schedule state restores
+    the saved ones): a resumed run trains with the optim.* values its config.yaml records. The learning rate of the
+    current step follows the recipe's optim.lr and schedule. Returns the changes, as text ("" when none)."""
+    names = {"lr": "optim.lr", "betas": "optim.beta1/beta2", "eps": "optim.eps", "weight_decay": "optim.weight_decay",
+             "fused": "optim.fused"}
+    scheduler = getattr(scheduler, "scheduler", scheduler)
+    changes = {}
+    saved_base = list(scheduler.base_lrs)
+    if saved_base != recipe["base_lrs"]:
+        changes["lr"] = (saved_base[0], recipe["base_lrs"][0])
+    for group, settings in zip(optimizer.param_groups, recipe["groups"]):
+        for key, value in settings.items():
+            if key != "lr" and group.get(key) != value:
+                changes.setdefault(key, (group.get(key), value))
+            if key != "lr":
+                group[key] = value
+    scheduler.base_lrs = list(recipe["base_lrs"])
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return ", ".join(f"{names[k]} {old} -> {new}" for k, (old, new) in changes.items())
 
 
 def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, cfg: Config, state: dict,
@@ -305,6 +413,11 @@ def train(cfg: Config) -> dict:
     if cfg.train.fsdp_offload and cfg.train.sharding != "fsdp":
         raise ConfigError("train.fsdp_offload=true offloads FSDP's shards: it needs train.sharding=fsdp")
     _refuse_sharded_strategies()
+    if not torch.accelerator.is_available():
+        precision, why = cpu_precision(cfg.train.precision, cpu_native_bf16())
+        if why:
+            warnings.warn(why, stacklevel=2)
+            cfg.train.precision = precision  # the run's config.yaml records what it trained in
     run_dir = Path(cfg.train.output_dir)
     log_with = None if cfg.train.log_with in ("", "none") else cfg.train.log_with
     # Without an accelerator, Accelerate must be told it runs on CPU; otherwise a multi-process launch on a
@@ -343,6 +456,14 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     world = accelerator.num_processes
     sharded = cfg.train.sharding == "fsdp"
 
+    # ---- what the run reads, checked before anything is built: a typo costs seconds, not a model build ------------
+    resume = _resume_from(cfg, run_dir)
+    if resume is not None:
+        _check_resumable(cfg, resume)
+    if cfg.data.train or not cfg.data.synthetic:
+        _expand_train_sources(cfg.data.train)
+    _check_eval_sources(cfg)
+
     # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
     model = create_model(cfg.model, cfg.loss.kind)
     tokenizer = model.tokenizer
@@ -371,7 +492,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
 
     # ---- data ---------------------------------------------------------------------------------------------------
     _prepare_data(cfg, accelerator, raw_model.image_size)
-    sources = expand_sources(cfg.data.train)
+    sources = _expand_train_sources(cfg.data.train)
     # one live run per run directory: the main process locks it for the run's lifetime (the OS drops the lock when the
     # process dies), and every process learns the verdict, so none starts training into a directory in use
     busy = None
@@ -389,8 +510,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
 
     # ---- resume ------------------------------------------------------------------------------------------------
     step, samples_seen, state = 0, 0, {}
-    resume = _resume_from(cfg, run_dir)
     if resume is not None:
+        recipe_optim = _optimizer_settings(optimizer, scheduler)  # this run's, before the checkpoint's replace them
         state = read_trainer_state(resume)
         step, samples_seen = state["step"], state.get("samples_seen", 0)
         if sharded or is_sharded_checkpoint(resume):  # either kind into either kind, resharded for these processes
@@ -408,6 +529,9 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                           f"weights, optimizer state and schedule resume exactly; the random streams (augmentation, "
                           f"dropout) and the data order start afresh, seeded by the step", stacklevel=2)
             set_seed(cfg.train.seed + step, device_specific=True)
+        changed = _apply_optimizer_settings(optimizer, scheduler, recipe_optim, resume)
+        if changed:
+            accelerator.print(f"optimizer settings changed since {resume.name}, applied from step {step}: {changed}")
         accelerator.print(f"resumed from {resume} at step {step} ({state.get('sharding', 'ddp')} checkpoint, "
                           f"{cfg.train.sharding} run)")
     streams = world * max(1, cfg.data.workers)
@@ -429,7 +553,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
 
     # ---- logging -----------------------------------------------------------------------------------------------
     if log_with:
-        accelerator.init_trackers("tensorboard", config=_flat(cfg.to_dict()))
+        # trackers are shared: pipe: commands and URL query strings (credentials) are redacted there
+        accelerator.init_trackers("tensorboard", config=_flat(shareable_config(cfg)))
     metrics_path = run_dir / METRICS_FILE
     global_batch = cfg.data.batch_size * world * cfg.train.accum_steps  # samples per optimizer step
     peak_tflops = cfg.train.peak_tflops or _known_peak_tflops(accelerator.device, cfg.train.precision)
