@@ -72,3 +72,11 @@ def test_ours_side_runs_on_real_shards_and_reports_a_rate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "threads on both sides" in out
     assert "| tiny-vit-64 (64 px) | fp32 | 8 | 6 |" in out
+
+
+def test_bf16_is_compared_only_where_the_cpu_has_it():
+    kept, notice = bt.cpu_precisions(["bf16", "fp32"], "cpu", native_bf16=False)
+    assert kept == ["fp32"] and "no native bf16" in notice
+    assert bt.cpu_precisions(["bf16"], "cpu", native_bf16=True) == (["bf16"], "")
+    assert bt.cpu_precisions(["bf16"], "cuda", native_bf16=False) == (["bf16"], "")
+    assert bt.cpu_precisions(["fp32"], "cpu", native_bf16=False) == (["fp32"], "")
