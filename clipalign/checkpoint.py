@@ -134,22 +134,43 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, config, 
         tmp.mkdir(parents=True)
     if accelerator.num_processes > 1:
         tmp = broadcast_object_list([tmp])[0]  # every process saves its part into the main process's directory
-    if write_state is None:
-        accelerator.save_state(str(tmp))
-    else:
-        write_state(tmp)
+    try:
+        if write_state is None:
+            accelerator.save_state(str(tmp))
+        else:
+            write_state(tmp)
+    except Exception as e:  # noqa: BLE001 -- a full disk, a quota, a dead mount: whatever stopped the write
+        raise _save_failed(step, tmp, run_dir, e) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        config.save(tmp / RUN_CONFIG_FILE)
-        write_atomic(tmp / TRAINER_STATE_FILE, json.dumps({"step": step, **state}, indent=2))
-        for name, contents in (files or {}).items():
-            write_atomic(tmp / name, contents)
-        _publish(tmp, final)
+        try:
+            config.save(tmp / RUN_CONFIG_FILE)
+            write_atomic(tmp / TRAINER_STATE_FILE, json.dumps({"step": step, **state}, indent=2))
+            for name, contents in (files or {}).items():
+                write_atomic(tmp / name, contents)
+            _publish(tmp, final)
+        except Exception as e:  # noqa: BLE001
+            raise _save_failed(step, tmp, run_dir, e) from e
         if keep > 0:
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); nothing of it was published."""
+
+
+def _save_failed(step: int, tmp: Path, run_dir, error: Exception) -> CheckpointSaveError:
+    """The error of a failed save, after removing its partial directory: what failed, and what is left to resume."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    cause = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    latest = latest_checkpoint(run_dir)
+    return CheckpointSaveError(
+        f"saving the checkpoint of step {step} failed ({cause}); nothing of it was published. The newest complete "
+        f"checkpoint is {latest or 'none yet'}: free space under {Path(run_dir) / CHECKPOINTS_DIR} and resume with "
+        f"train.resume=auto")
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from clipalign.accumulate import forward_backward
 from clipalign.checkpoint import (
     CheckpointError,
+    CheckpointSaveError,
     latest_checkpoint,
     load_training_state,
     read_trainer_state,
@@ -734,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         train(load_config(args.recipe, args.overrides))
-    except ConfigError as e:  # a bad recipe or launch: say what, not where in the code
+    except (ConfigError, CheckpointSaveError) as e:  # a bad recipe or launch, a full disk: say what, not where
         parser.exit(2, f"clipalign-train: error: {e}\n")
 
 

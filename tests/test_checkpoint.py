@@ -141,3 +141,37 @@ def test_a_lost_rng_state_is_reported_naming_its_file(tmp_path):
     for damage, expected in expected_errors.items():
         file, error = found[damage]["file"], found[damage]["error"]
         assert file.endswith("random_states_0.pkl") and file in error and expected in error, (damage, error)
+
+
+# A child that saves step 1, then can write no file larger than 64 kB (as on a full disk: writes fail with EFBIG,
+# which Python gets as an error because it ignores SIGXFSZ) and tries to save step 2.
+_FULL_DISK_CHILD = textwrap.dedent("""
+    import resource, sys, torch
+    from accelerate import Accelerator
+    from clipalign.checkpoint import CheckpointSaveError, save_checkpoint
+    from clipalign.config import Config
+    from clipalign.model import create_model
+    cfg = Config()
+    cfg.model.name = "tiny-vit-64"
+    acc = Accelerator(cpu=True)
+    model, opt = acc.prepare(create_model(cfg.model), torch.optim.AdamW(create_model(cfg.model).parameters()))
+    save_checkpoint(acc, sys.argv[1], 1, cfg, {"samples_seen": 1})
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+    try:
+        save_checkpoint(acc, sys.argv[1], 2, cfg, {"samples_seen": 2})
+    except CheckpointSaveError as e:
+        print(e)
+""")
+
+
+def test_a_save_that_cannot_be_written_publishes_nothing_and_says_what_is_left(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(run)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    message = proc.stdout.strip()
+    assert message.startswith("saving the checkpoint of step 2 failed (") and "nothing of it was published" in message
+    assert "File too large" in message and f"newest complete checkpoint is {run / 'checkpoints' / 'step_00000001'}" \
+        in message
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000001"]
+    assert not _temporary_saves(run, 2)  # the partial save was removed
