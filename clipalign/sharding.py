@@ -61,9 +61,8 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "fp32",
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"train.sharding=fsdp trains in fp32 or bf16, not {precision!r}: fp16 needs a loss scale "
                          f"that the sharded gradients do not get")
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("train.sharding=fsdp needs a process group: create the Accelerator first "
-                           "(launch with `accelerate launch`)")
+    if not dist.is_initialized():
+        _single_process_group(device)
     # fully_shard moves each unit's shards (and buffers) to the device: the whole model never has to fit there.
     # The scalars it leaves whole move here.
     replicated = replicated_params(model)
@@ -80,6 +79,22 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "fp32",
     fully_shard(model, mesh=mesh, mp_policy=reduce_fp32, offload_policy=offload_policy,
                 ignored_params=set(replicated))
     return len(blocks)
+
+
+def _single_process_group(device: torch.device) -> None:
+    """A process group of this process alone, for FSDP in a run started without a launcher (one GPU, e.g. to offload
+    the optimizer state to host memory). Raises if the environment says there should be more processes."""
+    import atexit
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise RuntimeError(f"train.sharding=fsdp: WORLD_SIZE={world} but no process group is up; create the "
+                           f"Accelerator first (launch with `accelerate launch`)")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 def sync_replicated_grads(model: nn.Module) -> None:

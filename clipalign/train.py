@@ -568,76 +568,80 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     # padding after every caption's end is cut per batch where the text tower cannot see it (causal, EOT-pooled)
     trim_text = cfg.train.trim_text and raw_model.trims_text
     model.train()
-    while step < cfg.train.steps:
-        t0 = time.perf_counter()
-        micro_batches, step_keys = [], []
-        for _ in range(cfg.train.accum_steps):
-            batch = next(batches)
-            texts = trim_padding(batch["texts"]) if trim_text else batch["texts"]
-            # data.decode=device: JPEG rows are decoded here; rows nothing decodes are counted like the workers' skips
-            images, decode_skipped = device_images(batch, accelerator.device, memory_format)
-            micro_batches.append((images, texts.to(accelerator.device, non_blocking=True)))
-            window.skipped.update(batch["skipped"])
-            window.skipped.update(decode_skipped)
-            stream, epoch, emitted = batch["position"]
-            positions[stream] = (epoch, emitted)
-            step_keys.extend(batch["keys"])
-        window.wait += time.perf_counter() - t0
+    try:
+        while step < cfg.train.steps:
+            t0 = time.perf_counter()
+            micro_batches, step_keys = [], []
+            for _ in range(cfg.train.accum_steps):
+                batch = next(batches)
+                texts = trim_padding(batch["texts"]) if trim_text else batch["texts"]
+                # data.decode=device: JPEG rows are decoded here; rows nothing decodes are counted like the workers'
+                # skips
+                images, decode_skipped = device_images(batch, accelerator.device, memory_format)
+                micro_batches.append((images, texts.to(accelerator.device, non_blocking=True)))
+                window.skipped.update(batch["skipped"])
+                window.skipped.update(decode_skipped)
+                stream, epoch, emitted = batch["position"]
+                positions[stream] = (epoch, emitted)
+                step_keys.extend(batch["keys"])
+            window.wait += time.perf_counter() - t0
 
-        # accumulated micro-batches are scored together: negatives come from the whole accumulated batch;
-        # the first step also counts the FLOPs of a step, for the MFU estimate
-        with window.counting_flops():
-            loss = forward_backward(model, loss_fn, micro_batches, accelerator)
-        if sharded:
-            sync_replicated_grads(raw_model)  # the temperature (and bias): whole on every process, outside FSDP
-        samples_seen += global_batch
+            # accumulated micro-batches are scored together: negatives come from the whole accumulated batch;
+            # the first step also counts the FLOPs of a step, for the MFU estimate
+            with window.counting_flops():
+                loss = forward_backward(model, loss_fn, micro_batches, accelerator)
+            if sharded:
+                sync_replicated_grads(raw_model)  # the temperature (and bias): whole on every process, outside FSDP
+            samples_seen += global_batch
 
-        # a non-finite loss on any process makes no update anywhere, decided on the device: no wait for the GPU here
-        update = nonfinite.arm(accelerator.reduce(torch.isfinite(loss).float(), reduction="sum"), step + 1)
-        if cfg.optim.grad_clip > 0:
-            if sharded:  # the norm of the whole gradient, over every shard
-                clip_grad_norm(raw_model, cfg.optim.grad_clip)
-            else:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        if update:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        raw_model.clamp_logit_scale()
-        step += 1
-        nonfinite.check(wait=False)  # the previous step's verdict, long since computed: counts, or stops the run
-        if cfg.data.log_keys:
-            _append_jsonl(keys_file(run_dir, accelerator.process_index), {"step": step, "keys": step_keys})
-        window.steps += 1
-        bar.update(1)
+            # a non-finite loss on any process makes no update anywhere, decided on the device: no wait for the GPU here
+            update = nonfinite.arm(accelerator.reduce(torch.isfinite(loss).float(), reduction="sum"), step + 1)
+            if cfg.optim.grad_clip > 0:
+                if sharded:  # the norm of the whole gradient, over every shard
+                    clip_grad_norm(raw_model, cfg.optim.grad_clip)
+                else:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if update:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            raw_model.clamp_logit_scale()
+            step += 1
+            nonfinite.check(wait=False)  # the previous step's verdict, long since computed: counts, or stops the run
+            if cfg.data.log_keys:
+                _append_jsonl(keys_file(run_dir, accelerator.process_index), {"step": step, "keys": step_keys})
+            window.steps += 1
+            bar.update(1)
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            nonfinite.check(wait=True)
-            last = window.line(step, samples_seen, loss, raw_model, scheduler.get_last_lr()[0], nonfinite.total)
-            if is_main:
-                _append_jsonl(metrics_path, last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", scale=f"{last['logit_scale']:.1f}",
-                                sps=f"{last['samples_per_s']:.0f}")
-            if log_with:
-                accelerator.log({k: v for k, v in last.items() if k != "skipped"}, step=step)
-
-        if (cfg.eval.zeroshot or cfg.eval.retrieval) and cfg.eval.every and step % cfg.eval.every == 0 \
-                and step < cfg.train.steps:
-            with window.paused():  # evaluation time is not training time
-                eval_model = _whole_model(cfg, raw_model, accelerator.device)  # every process: a sharded model gathers
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                nonfinite.check(wait=True)
+                last = window.line(step, samples_seen, loss, raw_model, scheduler.get_last_lr()[0], nonfinite.total)
                 if is_main:
-                    results = _evaluate(cfg, eval_model)
-                    _append_jsonl(metrics_path, {"step": step, **results})
-                    if log_with:
-                        accelerator.log({f"{kind}/{k}": v for kind, result in results.items()
-                                         for k, v in result.items() if isinstance(v, (int, float))}, step=step)
-                accelerator.wait_for_everyone()
+                    _append_jsonl(metrics_path, last)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", scale=f"{last['logit_scale']:.1f}",
+                                    sps=f"{last['samples_per_s']:.0f}")
+                if log_with:
+                    accelerator.log({k: v for k, v in last.items() if k != "skipped"}, step=step)
 
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-            _checkpoint(accelerator, run_dir, step, cfg,
-                        _trainer_state(accelerator, samples_seen, positions, streams, cfg.train.sharding), tokenizer,
-                        sharded_state)
-    bar.close()
+            if (cfg.eval.zeroshot or cfg.eval.retrieval) and cfg.eval.every and step % cfg.eval.every == 0 \
+                    and step < cfg.train.steps:
+                with window.paused():  # evaluation time is not training time
+                    # every process: a sharded model gathers its weights
+                    eval_model = _whole_model(cfg, raw_model, accelerator.device)
+                    if is_main:
+                        results = _evaluate(cfg, eval_model)
+                        _append_jsonl(metrics_path, {"step": step, **results})
+                        if log_with:
+                            accelerator.log({f"{kind}/{k}": v for kind, result in results.items()
+                                             for k, v in result.items() if isinstance(v, (int, float))}, step=step)
+                    accelerator.wait_for_everyone()
+
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+                _checkpoint(accelerator, run_dir, step, cfg,
+                            _trainer_state(accelerator, samples_seen, positions, streams, cfg.train.sharding),
+                            tokenizer, sharded_state)
+    finally:  # before an error is printed: the message starts its own line
+        bar.close()
     nonfinite.check(wait=True)
 
     # ---- end: checkpoint, zero-shot, export --------------------------------------------------------------------

@@ -241,3 +241,22 @@ def test_a_ddp_checkpoint_resumes_under_fsdp_and_exports_the_same_model(chain, t
         assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
     for name in ("open_clip_config.json", "image_encoder_config.json", "text_encoder_config.json"):
         assert json.loads((runs["E"] / "export" / name).read_text()) == json.loads((ddp_export / name).read_text())
+
+
+@pytest.mark.slow
+def test_fsdp_in_one_process_without_a_launcher_trains_the_plain_model(tmp_path):
+    """`python -m clipalign.train ... train.sharding=fsdp` (one GPU, e.g. to offload the optimizer): a group of one."""
+    import os
+    import sys
+
+    env = dict(os.environ, CLIPALIGN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    runs = {}
+    for sharding in ("fsdp", "ddp"):
+        runs[sharding] = tmp_path / sharding
+        proc = subprocess.run([sys.executable, "-m", "clipalign.train", str(QUICKSTART), *SMALL, "train.steps=2",
+                               f"train.sharding={sharding}", f"train.output_dir={runs[sharding]}", "export.dir="],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp, plain = (runs[k] / "checkpoints" / "step_00000002" for k in ("fsdp", "ddp"))
+    assert is_sharded_checkpoint(fsdp) and not is_sharded_checkpoint(plain)
+    assert _max_diff(read_checkpoint_weights(fsdp), read_checkpoint_weights(plain)) <= 1e-6
