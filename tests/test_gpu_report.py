@@ -1,6 +1,7 @@
 """tools/gpu_report.py: what it plans to measure on a GPU, its time limits, and a real run of its steps on CPU."""
 
 import json
+import subprocess
 import sys
 import time
 
@@ -100,3 +101,16 @@ def test_the_loss_and_decode_steps_run_for_real_on_cpu(tmp_path):
     assert {r["size"] for r in loss_rows} == {256, 512} and any(r["mode"].startswith("tiled") for r in loss_rows)
     md = (tmp_path / "out" / "gpu_report.md").read_text()
     assert "| 512 | open_clip |" in md and "Decode" in md and "Not measured" not in md
+
+
+def test_the_fsdp_training_step_runs_for_real_on_one_cpu_process(tmp_path):
+    """`train.sharding=fsdp` from a plain `python -m clipalign.train`: the step's variables make its process group."""
+    # a subprocess: drawing the shards spawns processes, which import the script by its path, not as `gpu_report`
+    proc = subprocess.run([sys.executable, str(gr.TOOLS / "gpu_report.py"), "--out", str(tmp_path / "out"),
+                           "--device", "cpu", "--smoke", "--skip-reference", "--only", "train-tiny-b16-fsdp",
+                           "--cache", str(tmp_path / "cache")], cwd=gr.REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (step,) = json.loads((tmp_path / "out" / "gpu_report.json").read_text())["steps"]
+    assert step["status"] == "ok", step["log_tail"]
+    assert step["result"]["ours_args"] == ["train.sharding=fsdp"] and step["result"]["rows"][0]["ours"] > 0
