@@ -99,6 +99,10 @@ class DataConfig:
                                "CUDA)")
     max_image_pixels: int = _key(89_478_485, "images with more pixels are skipped as bad_image before decoding; 0 = no "
                                              "limit", ">= 0")
+    max_source_failures: int = _key(10, "failed shard reads of one `::` source in a row (no sample between) that stop "
+                                        "the run with an error naming it", ">= 1")
+    batch_timeout: float = _key(600.0, "seconds a data worker may go without a batch before the run stops with an "
+                                       "error; 0 = wait forever", ">= 0")
     synthetic: bool = _key(False, "draw a synthetic captioned data set into the cache when `train` is empty")
     synthetic_samples: int = _key(12000, "training samples of the synthetic set", ">= 1")
     cache_dir: str = _key("", "where generated data lives; default $CLIPALIGN_CACHE or ~/.cache/clipalign")

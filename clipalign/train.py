@@ -41,7 +41,7 @@ from clipalign.checkpoint import (
 from clipalign.config import Config, ConfigError, describe_keys, load_config, read_config, shareable_config
 from clipalign.data.device_decode import device_images, resolve_decode
 from clipalign.data.sample import STREAM_SKIP_REASONS as SKIP_REASONS  # one list, in clipalign.data.sample
-from clipalign.data.shards import expand_sources, make_train_loader
+from clipalign.data.shards import DataSourceError, expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
 from clipalign.layout import (
     METRICS_FILE,
@@ -547,6 +547,9 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                                crop_scale=cfg.data.train_crop_scale, pin_memory=accelerator.device.type == "cuda",
                                decode=resolve_decode(cfg.data.decode, accelerator.device),
                                max_image_pixels=cfg.data.max_image_pixels,
+                               # a dead source or a stalled worker stops the run with a DataSourceError naming it
+                               max_source_failures=cfg.data.max_source_failures,
+                               batch_timeout=cfg.data.batch_timeout,
                                # the model's resize (interpolation, resize mode), the one its evaluation uses
                                preprocess_cfg=getattr(raw_model.clip.visual, "preprocess_cfg", None), **stream_args)
     batches = iter(loader)
@@ -739,7 +742,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         train(load_config(args.recipe, args.overrides))
-    except (ConfigError, CheckpointSaveError) as e:  # a bad recipe or launch, a full disk: say what, not where
+    # a bad recipe or launch, a full disk, a data source that cannot be read: say what, not where
+    except (ConfigError, CheckpointSaveError, DataSourceError) as e:
         parser.exit(2, f"clipalign-train: error: {e}\n")
 
 

@@ -50,7 +50,9 @@ SKIP_REASONS = (
     SkipReason("bad_text", "the .txt or .json cannot be decoded (not UTF-8, not JSON, JSON not an object)",
                stream=True, make_shards=True),
     SkipReason("bad_image", "the image cannot be read or decoded", stream=True, make_shards=True),
-    SkipReason("unreadable_tar", "a shard or tar member that cannot be read", stream=True, make_shards=False),
+    SkipReason("unreadable_tar", "a shard that cannot be opened or read to its end, once per read (the sample "
+               "being read when it broke goes with it, uncounted), or a second member of one name in a sample",
+               stream=True, make_shards=False),
     SkipReason("missing_file", "the image file an input names does not exist", stream=False, make_shards=True),
 )
 STREAM_SKIP_REASONS = tuple(r.name for r in SKIP_REASONS if r.stream)

@@ -7,6 +7,11 @@ counts of samples that worker skipped since its previous batch, by reason, so th
 With `decode="device"` the workers leave JPEG decoding to the training process (see `clipalign.data.device_decode`);
 pass every batch through `device_images` there. An image over the pixel limit (`max_image_pixels`, from its header)
 is skipped as `bad_image` without being decoded; the resize follows the model's preprocess config.
+
+Shards are read by `read_shard`, which delivers a sample only once it is whole and counts a shard that cannot be read
+to its end once (`unreadable_tar`), the sample it was reading when it broke going with it. A source whose shards keep
+failing, or a worker that brings no batch for `batch_timeout` seconds, stops the run with a `DataSourceError` that
+names the source, the last error and the counts so far (see `StreamGuard`).
 """
 
 from __future__ import annotations
@@ -14,15 +19,22 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
+import subprocess
+import tarfile
+import time
+import warnings
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
 
 from clipalign.data.device_decode import DeviceJpeg, pack_batch, prepare_image
 from clipalign.data.sample import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported: its former home
@@ -89,41 +101,290 @@ class SkipCounter:
         return out
 
 
-def decode_samples(samples, transform: Callable, image_size: int, counter: SkipCounter,
+# ----------------------------------------------------------------------------------------------------------------
+# reading one shard
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (`__meta__`, `__index__/...`): not sample files
+_PIPE_CLOSE_WAIT = 5.0  # seconds a `pipe:` command gets to exit once its output is closed, before it is killed
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A tar member header that refuses what `tarfile` takes quietly for the archive's end: no header at all where
+    one should be (a file cut between members), a header cut short, or a header that is not one (garbage). Only the
+    end-of-archive block (a block of zeros) ends an archive; a cut anywhere is then a read error, like a cut inside
+    a member's data."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EmptyHeaderError:
+            if tarfile_.fileobj.tell() == 0:
+                raise tarfile.ReadError("no data at all (an empty file or an empty command output)") from None
+            raise tarfile.ReadError("unexpected end of data: the archive stops without its end-of-archive block "
+                                    "(cut between members)") from None
+        except tarfile.TruncatedHeaderError:
+            raise tarfile.ReadError("unexpected end of data inside a member header (cut short)") from None
+        except tarfile.InvalidHeaderError as exn:
+            raise tarfile.ReadError(f"not a tar member header ({exn})") from None
+
+
+def read_shard(url: str, bad_member: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, in order, each delivered only once it is whole.
+
+    A sample is whole when the header of the next sample's first member has been read, or the archive's
+    end-of-archive block. Reading stops at the first error (a source that cannot be opened, a `pipe:` command that
+    fails, a file cut short or corrupt anywhere, including between members): it is raised, and the sample being read
+    then, whose members may be cut or missing, is dropped. So a shard cut inside sample K+1 (K samples before it)
+    delivers those K samples, then one error; a cut between two samples, or inside the first header of one, drops
+    the sample before it too, since nothing shows that it was complete.
+
+    A sample as webdataset's `tarfile_to_samples` gives it: `{"__key__": ..., "__url__": url, "jpg": b"...", ...}`,
+    extensions lower-cased, metadata members (`__...__`) and non-file members left out. A second member of the same
+    name in a sample is left out and reported to `bad_member(message)`, the sample kept.
+
+    Raises:
+        ShardReadError: opening or reading failed; its message is the error's type and text, and for a `pipe:`
+            source how the command exited (`the command exited with status 1 (...)`).
+    """
+    stream, closed = None, False
+    try:
+        stream = gopen(url)
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+            sample: dict[str, Any] | None = None
+            for member in tar:
+                tar.members = []  # a stream is read once: keep no list of its members
+                name = member.name
+                if not member.isreg() or _META.match(name):
+                    continue
+                prefix, suffix = base_plus_ext(name)
+                if prefix is None:
+                    continue
+                if sample is not None and prefix != sample["__key__"]:
+                    yield sample  # the next sample's header is here: the previous one is whole
+                    sample = None
+                data = tar.extractfile(member).read()
+                if sample is None:
+                    sample = {"__key__": prefix, "__url__": url}
+                suffix = suffix.lower()
+                if suffix in sample:
+                    if bad_member is not None:
+                        bad_member(f"{url}: {name}: a second .{suffix} member in sample {prefix}, left out")
+                    continue
+                sample[suffix] = data
+            if sample is not None:
+                yield sample
+    except Exception as exn:
+        status, closed = (_close(stream) if stream is not None else None), True
+        raise ShardReadError(url, _describe_failure(exn, status)) from exn
+    finally:
+        if stream is not None and not closed:
+            _close(stream)
+
+
+class ShardReadError(Exception):
+    """A shard that could not be opened or read to its end (`read_shard`): `url`, and why."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(reason)
+        self.url = url
+
+
+def _close(stream: Any) -> int | None:
+    """Close a shard's stream. A `pipe:` command (webdataset's `Pipe`) gets `_PIPE_CLOSE_WAIT` seconds to exit, then
+    is killed (so that a hung command cannot hold the worker); its exit status is returned, else None."""
+    proc = getattr(stream, "proc", None)
+    if not isinstance(proc, subprocess.Popen):
+        with contextlib.suppress(Exception):
+            stream.close()
+        return None
+    with contextlib.suppress(Exception):
+        stream.stream.close()  # the Pipe's own close would wait up to two hours, then raise on a non-zero status
+    try:
+        status = proc.wait(_PIPE_CLOSE_WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None  # killed by us: its status says nothing about the source
+    stream.status = status
+    return status
+
+
+def _describe_failure(exn: Exception, status: int | None) -> str:
+    """`ExceptionType: message` of a failed read; for a `pipe:` command that exited with an error, its status."""
+    text = f"{type(exn).__name__}: {exn}"
+    if not status or status in (141, -13):  # 0, or SIGPIPE: the command only stopped because we stopped reading
+        return text
+    if isinstance(exn, OSError) and f"exit {status}" in str(exn):  # webdataset's Pipe says only that, with its args
+        return f"the command exited with status {status}"
+    return f"the command exited with status {status} ({text})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a stream that cannot go on
+
+
+class DataSourceError(RuntimeError):
+    """The training stream cannot go on: a source keeps failing (`data.max_source_failures`), or no batch comes
+    (`data.batch_timeout`). Raised in a DataLoader worker, it stops the run with its message (see `TrainLoader`)."""
+
+
+class DataStallWarning(UserWarning):
+    """Batches have not come for a while, and the workers report skipped samples meanwhile (`TrainLoader`)."""
+
+
+def describe_source(urls: list[str]) -> str:
+    """A source's shards in a few words: its one URL, or the first and last and how many."""
+    return urls[0] if len(urls) == 1 else f"{urls[0]} .. {urls[-1]} ({len(urls)} shards)"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    shown = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()) if n)
+    return shown or "none"
+
+
+class StreamGuard(SkipCounter):
+    """One worker's skip counts, and the two bounds that stop a stream which cannot go on (`DataSourceError`).
+
+    Failing sources: a read of a shard fails when it raises before the shard gave a sample. Each source (a `::`
+    group of `data.train`) keeps the failed reads since it last gave a sample; at `max_failures` the stream stops,
+    naming the source, the shards that failed and the last error. A shard that failed while other shards of its
+    source still gave samples is a bad shard, not a dead source: it is counted (`unreadable_tar`) every time it is
+    read, but no longer adds to its source's failures.
+
+    No batch: `tick()`, called for every sample read, skipped or replayed and every shard read, stops the stream when
+    no batch has left it for `batch_timeout` seconds of its own running time (0: never). Time the consumer holds a
+    batch (a training step, an evaluation) does not count, nor does replaying a pass up to an exact resume position.
+    """
+
+    def __init__(self, sources: list[list[str]], stream: int, max_failures: int = 10, batch_timeout: float = 0.0,
+                 heartbeat_every: float = 60.0):
+        super().__init__()
+        self.names = [describe_source(urls) for urls in sources]
+        self.stream = stream
+        self.max_failures, self.batch_timeout, self.heartbeat_every = max_failures, batch_timeout, heartbeat_every
+        self.total: Counter[str] = Counter()  # skipped by this worker since it started
+        self.failures = [Counter() for _ in sources]  # per source: url -> failed reads since it last gave a sample
+        self.bad_shards: list[set[str]] = [set() for _ in sources]
+        self.last_error = ""
+        self.waiting_since = self.last_item = time.monotonic()
+
+    # -- counts
+
+    def skip(self, reason: str) -> None:
+        self.count(reason)
+        self.tick()
+
+    def count(self, reason: str) -> None:
+        self.pending[reason] += 1
+        self.total[reason] += 1
+
+    def bad_member(self, message: str) -> None:
+        """A member left out of its sample (`read_shard`): counted as `unreadable_tar`, the shard read on. No `tick`
+        here: raised inside `read_shard`, a stall would pass for the shard's own read error."""
+        self.last_error = message
+        self.count("unreadable_tar")
+
+    # -- failing sources
+
+    def read_ok(self, source: int) -> None:
+        """The source gave a sample: the shards that failed since are bad shards, not a sign of a dead source."""
+        if self.failures[source]:
+            self.bad_shards[source].update(self.failures[source])
+            self.failures[source].clear()
+
+    def read_failed(self, source: int, url: str, error: str, samples: int) -> None:
+        """A shard could not be read to its end (after `samples` samples): counted once, as `unreadable_tar`."""
+        self.last_error = f"{url}: {error}"
+        self.count("unreadable_tar")
+        if samples == 0 and url not in self.bad_shards[source]:
+            self.failures[source][url] += 1
+            failed = sum(self.failures[source].values())
+            if failed >= self.max_failures:
+                shards = ", ".join(f"{u} ({n}x)" for u, n in self.failures[source].most_common(3))
+                more = len(self.failures[source]) - 3
+                raise DataSourceError(
+                    f"data.train source {source + 1} of {len(self.names)} ({self.names[source]}): {failed} reads in "
+                    f"a row failed with no sample between (data.max_source_failures={self.max_failures}): "
+                    f"{shards}{f' and {more} more shards' if more > 0 else ''}; last error: {self.last_error}; "
+                    f"skipped so far by this worker (stream {self.stream}): {_counts(self.total)}. Check that the "
+                    f"source can be read (run a pipe: command by hand), or leave it out of data.train")
+        self.tick()
+
+    # -- no batch
+
+    def tick(self) -> None:
+        if self.batch_timeout and time.monotonic() - self.waiting_since > self.batch_timeout:
+            last = f"; last error: {self.last_error}" if self.last_error else ""
+            raise DataSourceError(
+                f"data stream {self.stream} brought no batch in {self.batch_timeout:g} s (data.batch_timeout): "
+                f"skipped so far by this worker: {_counts(self.total)}{last}; sources: {'; '.join(self.names)}. "
+                f"Raise data.batch_timeout if batches are this slow to come (0 = wait forever)")
+
+    def progress(self) -> None:
+        """Work that is not a batch but is no stall either (replaying a pass up to a resume position)."""
+        self.waiting_since = time.monotonic()
+
+    def heartbeat_due(self) -> bool:
+        return time.monotonic() - self.last_item >= self.heartbeat_every
+
+    def resumed(self, paused_at: float, batch: bool) -> None:
+        """The consumer asked for the next item, after the stream yielded one at `paused_at`."""
+        now = time.monotonic()
+        self.last_item = now
+        if batch:
+            self.waiting_since = now
+        else:  # a heartbeat: the time the consumer held it is not the stream's
+            self.waiting_since += now - paused_at
+
+    def heartbeat(self) -> dict[str, Any]:
+        return {"heartbeat": True, "stream": self.stream, "skipped": self.take(), "last_error": self.last_error}
+
+
+def decode_samples(samples: Iterable[dict | None], transform: Callable, image_size: int, counter: SkipCounter,
                    sample_seed: Callable[[str], int], image_fn: Callable[[bytes], Any] | None = None,
-                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[tuple[str, Any, str]]:
+                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                   ticks: bool = False) -> Iterator[tuple[str, Any, str] | None]:
     """Raw tar samples -> (key, uint8 image, caption); a sample that cannot be used is skipped and counted.
 
     `sample_seed(key)` seeds the sample's random choices (which caption of several, the random crop), so they depend
     on the sample and the pass, not on which worker met it when: a resumed run draws the same ones. `image_fn(data)`,
     if given, replaces `transform(decode_image(data, image_size, max_pixels))` and runs under the same seeded RNG.
     An image over `max_pixels` (0: no limit) counts as `bad_image`, refused from its header.
+
+    With `ticks`, a skipped sample yields None, and so does a None in `samples`: the consumer gets a turn while no
+    sample comes (`ShardStream` sends its heartbeats then).
     """
     if image_fn is None:
         def image_fn(data: bytes) -> torch.Tensor:
             return transform(decode_image(data, image_size, max_pixels))
 
-    for sample in samples:
+    def decode(sample: dict) -> tuple[str, Any, str] | str:
+        """The sample decoded, or the reason it is skipped."""
         data = image_bytes(sample)
         if data is None:
-            counter.skip("no_image")
-            continue
+            return "no_image"
         seed = sample_seed(sample["__key__"])
         try:
             caption = caption_of(sample, random.Random(seed))
         except (UnicodeDecodeError, ValueError):
-            counter.skip("bad_text")
-            continue
+            return "bad_text"
         if caption is None:
-            counter.skip("no_caption")
-            continue
+            return "no_caption"
         try:
             with _seeded_cpu_rng(seed):
-                image = image_fn(data)
+                return sample["__key__"], image_fn(data), caption
         except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError); ours: ImageTooLarge
-            counter.skip("bad_image")
-            continue
-        yield sample["__key__"], image, caption
+            return "bad_image"
+
+    for sample in samples:
+        out = None if sample is None else decode(sample)
+        if isinstance(out, str):
+            counter.skip(out)
+            out = None
+        if out is not None or ticks:
+            yield out
 
 
 @contextlib.contextmanager
@@ -156,6 +417,23 @@ def _mix(sources: list[Iterator[dict]], weights: list[float], rng: random.Random
         yield next(sources[rng.choices(indices, weights)[0]])
 
 
+
+def _read_shards(shards: Iterable[tuple[int, str]], guard: StreamGuard) -> Iterator[dict]:
+    """The samples of a sequence of (source index, url) shards, read with `read_shard`; a shard that fails is counted
+    once and the next one read, until `guard` stops the stream."""
+    for source, url in shards:
+        samples = 0
+        try:
+            for sample in read_shard(url, guard.bad_member):
+                if samples == 0:
+                    guard.read_ok(source)
+                samples += 1
+                yield sample
+        except ShardReadError as exn:
+            guard.read_failed(source, url, str(exn), samples)
+        guard.tick()
+
+
 class ShardStream(IterableDataset):
     """An endless stream of training batches from WebDataset shards.
 
@@ -169,6 +447,13 @@ class ShardStream(IterableDataset):
     Every batch carries `position` = (stream, epoch, emitted): the worker's stream index (process x workers +
     worker) and how many raw samples of that pass it had consumed at the batch's last sample. Handing the latest
     consumed position of each stream back as `start` resumes an exact pass with no sample seen twice or skipped.
+
+    Every batch also carries `skipped`, the samples (and unreadable shards) this worker skipped since its previous
+    item, by reason. With `heartbeats`, a worker that has yielded nothing for `heartbeat_every` seconds while it
+    skips samples or replays a pass yields `{"heartbeat": True, "skipped": ..., "stream": ..., "last_error": ...}`
+    instead of a batch: its counts so far, and a sign of life for the DataLoader's timeout (`TrainLoader` absorbs
+    them). A source that keeps failing or a stream that brings no batch stops with a `DataSourceError`
+    (`StreamGuard`).
 
     Args:
         sources: expanded shard URLs, one list per source (see `expand_sources`).
@@ -187,12 +472,20 @@ class ShardStream(IterableDataset):
             limit (`data.max_image_pixels`).
         preprocess_cfg: the model's preprocess config (`open_clip.get_model_preprocess_cfg`): its `interpolation`
             and `resize_mode` (and `fill_color`) shape the resize; None: bicubic, shortest side.
+        max_source_failures: failed shard reads of one source in a row, with no sample between, that stop the
+            stream (`data.max_source_failures`).
+        batch_timeout: seconds a worker may run without bringing a batch before it stops the stream; 0: no limit
+            (`data.batch_timeout`).
+        heartbeats: yield heartbeat items (see above); `make_train_loader` asks for them.
+        heartbeat_every: seconds between heartbeats; None: a quarter of `batch_timeout`, at most 60.
     """
 
     def __init__(self, sources: list[list[str]], tokenizer: Tokenizer, image_size: int, batch_size: int,
                  seed: int = 0, resampled: bool = True, weights: list[float] | None = None, shuffle_buffer: int = 1000,
                  crop_scale: float = 0.9, start: dict[int, tuple[int, int]] | None = None, decode: str = "workers",
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, preprocess_cfg: dict[str, Any] | None = None):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, preprocess_cfg: dict[str, Any] | None = None,
+                 max_source_failures: int = 10, batch_timeout: float = 600.0, heartbeats: bool = False,
+                 heartbeat_every: float | None = None):
         super().__init__()
         if sources and isinstance(sources[0], str):
             sources = [list(sources)]  # a flat list of URLs is one source
@@ -220,6 +513,15 @@ class ShardStream(IterableDataset):
         if max_image_pixels < 0:
             raise ValueError(f"max_image_pixels must be >= 0 (0: no limit), got {max_image_pixels}")
         self.max_image_pixels = max_image_pixels
+        if max_source_failures < 1:
+            raise ValueError(f"max_source_failures must be >= 1, got {max_source_failures}")
+        if batch_timeout < 0:
+            raise ValueError(f"batch_timeout must be >= 0 (0: no limit), got {batch_timeout}")
+        self.max_source_failures, self.batch_timeout = max_source_failures, batch_timeout
+        self.heartbeats = heartbeats
+        if heartbeat_every is None:
+            heartbeat_every = min(60.0, batch_timeout / 4) if batch_timeout else 60.0
+        self.heartbeat_every = heartbeat_every
         self.interpolation, self.resize_mode = geometry(preprocess_cfg)
         self.transform = train_transform(image_size, crop_scale, self.interpolation, self.resize_mode,
                                          int((preprocess_cfg or {}).get("fill_color", 0)))
@@ -230,29 +532,32 @@ class ShardStream(IterableDataset):
         rng = random.Random(seed)
         return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng)(samples)
 
-    def _resampled(self, rank: int, worker: int, counter: SkipCounter, cursor: _Cursor) -> Iterator[dict]:
-        streams = [wds.tarfile_to_samples(handler=counter.tar_error)(
+    def _resampled(self, rank: int, worker: int, guard: StreamGuard, cursor: _Cursor) -> Iterator[dict]:
+        streams = [_read_shards(
             # webdataset mixes its worker seed (process, worker) into `seed`; the source index keeps sources apart
-            iter(wds.ResampledShards(urls, seed=wds.utils.make_seed(self.seed, i), deterministic=True)))
+            ((i, shard["url"]) for shard in wds.ResampledShards(urls, seed=wds.utils.make_seed(self.seed, i),
+                                                                 deterministic=True)), guard)
             for i, urls in enumerate(self.sources)]
         mixed = _mix(streams, self.weights, random.Random(wds.utils.make_seed(self.seed, rank, worker, _MIX)))
         for sample in self._shuffled(mixed, wds.utils.make_seed(self.seed, rank, worker)):
             cursor.emitted += 1
             yield sample
 
-    def _exact_passes(self, stream: int, streams: int, counter: SkipCounter, cursor: _Cursor) -> Iterator[dict]:
-        urls = [u for source in self.sources for u in source]
-        if len(urls) < streams:
-            raise ValueError(f"{len(urls)} shards cannot feed {streams} streams (processes x workers) in "
+    def _exact_passes(self, stream: int, streams: int, guard: StreamGuard, cursor: _Cursor) -> Iterator[dict | None]:
+        shards = [(i, u) for i, source in enumerate(self.sources) for u in source]
+        if len(shards) < streams:
+            raise ValueError(f"{len(shards)} shards cannot feed {streams} streams (processes x workers) in "
                              f"exact-pass mode; use data.resampled=true or fewer workers")
         epoch, skip = self.start.get(stream, (0, 0))
         while True:
-            order = sorted(urls)
+            order = sorted(shards, key=lambda shard: shard[1])
             random.Random(wds.utils.make_seed(self.seed, epoch)).shuffle(order)  # alike on every process
-            mine = ({"url": u} for u in order[stream::streams])
-            samples = wds.tarfile_to_samples(handler=counter.tar_error)(mine)
+            samples = _read_shards(order[stream::streams], guard)
             for i, sample in enumerate(self._shuffled(samples, wds.utils.make_seed(self.seed, epoch, stream))):
-                if i < skip:  # replaying a pass up to the resume point: read, never decoded
+                if i < skip:  # replaying a pass up to the resume point: read, never decoded; no stall
+                    guard.progress()
+                    if guard.heartbeat_due():
+                        yield None
                     continue
                 cursor.epoch, cursor.emitted = epoch, i + 1
                 yield sample
@@ -261,11 +566,12 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         stream = rank * workers + worker
-        counter, cursor = SkipCounter(), _Cursor()
+        guard = StreamGuard(self.sources, stream, self.max_source_failures, self.batch_timeout, self.heartbeat_every)
+        cursor = _Cursor()
         if self.resampled:
-            samples = self._resampled(rank, worker, counter, cursor)
+            samples = self._resampled(rank, worker, guard, cursor)
         else:
-            samples = self._exact_passes(stream, world * workers, counter, cursor)
+            samples = self._exact_passes(stream, world * workers, guard, cursor)
 
         def sample_seed(key: str) -> int:
             return wds.utils.make_seed(self.seed, cursor.epoch, zlib.crc32(key.encode()))
@@ -277,23 +583,101 @@ class ShardStream(IterableDataset):
                                      self.resize_mode)
 
         keys, images, captions = [], [], []
-        for key, image, caption in decode_samples(samples, self.transform, self.image_size, counter, sample_seed,
-                                                  image_fn, self.max_image_pixels):
+        for item in decode_samples(samples, self.transform, self.image_size, guard, sample_seed, image_fn,
+                                   self.max_image_pixels, ticks=self.heartbeats):
+            guard.tick()
+            if item is None:  # a skipped or replayed sample: time for a heartbeat?
+                if guard.heartbeat_due():
+                    paused_at = time.monotonic()
+                    yield guard.heartbeat()
+                    guard.resumed(paused_at, batch=False)
+                continue
+            key, image, caption = item
             keys.append(key)
             images.append(image)
             captions.append(caption)
             if len(keys) == self.batch_size:
                 pixels = (pack_batch(images, self.image_size, self.interpolation) if self.decode == "device"
                           else {"images": torch.stack(images)})
-                yield {**pixels, "texts": self.tokenizer(captions), "keys": keys, "skipped": counter.take(),
+                paused_at = time.monotonic()
+                yield {**pixels, "texts": self.tokenizer(captions), "keys": keys, "skipped": guard.take(),
                        "position": (stream, cursor.epoch, cursor.emitted)}
+                guard.resumed(paused_at, batch=True)
                 keys, images, captions = [], [], []
 
 
+class TrainLoader(DataLoader):
+    """The DataLoader of `make_train_loader`: it yields the stream's batches only. Heartbeats are absorbed (their
+    skip counts are added to the next batch's `skipped`, and reported by a `DataStallWarning` while batches do not
+    come), and the errors that stop the stream come out as one `DataSourceError` with a plain message: a worker's
+    (without the worker's traceback around it), or the DataLoader's own timeout (a worker blocked in a read)."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return _Batches(super().__iter__(), self.dataset, self.timeout)
+
+
+class _Batches:
+    def __init__(self, batches: Iterator[dict[str, Any]], stream: ShardStream, timeout: float):
+        self.batches, self.stream, self.timeout = batches, stream, timeout
+        self.skipped: Counter[str] = Counter()  # everything the workers reported, for the error messages
+        self.pending: Counter[str] = Counter()  # reported by heartbeats, not yet handed on with a batch
+        self.last_batch = self.last_warning = time.monotonic()
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            item = self._next()
+            self.skipped.update(item["skipped"])
+            if not item.get("heartbeat"):
+                break
+            self.pending.update(item["skipped"])
+            now = time.monotonic()
+            waited = now - self.last_batch
+            if self.pending and min(waited, now - self.last_warning) >= self.stream.heartbeat_every:
+                self.last_warning = now
+                last = f"; last error: {item['last_error']}" if item["last_error"] else ""
+                warnings.warn(f"no batch for {waited:.0f} s: the data workers skipped {_counts(self.pending)} "
+                              f"meanwhile (stream {item['stream']}{last})", DataStallWarning, stacklevel=2)
+        if self.pending:
+            item["skipped"] = dict(Counter(item["skipped"]) + self.pending)
+            self.pending = Counter()
+        self.last_batch = time.monotonic()
+        return item
+
+    def _next(self) -> dict[str, Any]:
+        try:
+            return next(self.batches)
+        except DataSourceError as exn:
+            text = str(exn)
+            if not text.startswith("Caught "):  # raised in this process (no workers): as it is
+                raise
+            # a worker's, re-raised with its traceback as the message: keep the worker and the message
+            where = text.split(".", 1)[0].removeprefix("Caught DataSourceError in ")
+            raise DataSourceError(f"{where}: {text.rsplit('DataSourceError: ', 1)[-1].strip()}") from None
+        except RuntimeError as exn:
+            if not str(exn).startswith("DataLoader timed out"):
+                raise
+            names = "; ".join(f"{i + 1}: {describe_source(urls)}" for i, urls in enumerate(self.stream.sources))
+            raise DataSourceError(
+                f"no batch from the DataLoader workers in {self.timeout:g} s (data.batch_timeout="
+                f"{self.stream.batch_timeout:g}, and a worker that can still count time stops itself before that): "
+                f"a worker is stuck, most likely reading a shard that never comes (a pipe: command that neither "
+                f"sends data nor exits, a stalled mount); data.train sources: {names}; skipped so far: "
+                f"{_counts(self.skipped)}. Raise data.batch_timeout for storage this slow (0 = wait forever)"
+            ) from None
+
+
 def make_train_loader(sources: list[list[str]], tokenizer: Tokenizer, image_size: int, batch_size: int, workers: int,
-                      pin_memory: bool = False, **stream_args) -> DataLoader:
-    """A DataLoader over `ShardStream` (keyword arguments go to it: `decode`, `max_image_pixels`, `preprocess_cfg`,
-    ...); the workers batch, so `batch_size=None` here."""
-    stream = ShardStream(sources, tokenizer, image_size, batch_size, **stream_args)
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      pin_memory: bool = False, **stream_args) -> TrainLoader:
+    """A `TrainLoader` over `ShardStream` (keyword arguments go to it: `decode`, `max_image_pixels`,
+    `preprocess_cfg`, `max_source_failures`, `batch_timeout`, ...); the workers batch, so `batch_size=None` here.
+
+    With workers, the DataLoader itself gives up after `batch_timeout` plus half of it (at most 60 s more) without
+    any item from the workers: a worker blocked in a read cannot stop itself.
+    """
+    stream = ShardStream(sources, tokenizer, image_size, batch_size, heartbeats=True, **stream_args)
+    timeout = stream.batch_timeout + min(60.0, stream.batch_timeout / 2) if workers > 0 else 0
+    return TrainLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, timeout=timeout)
