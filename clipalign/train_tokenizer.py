@@ -32,7 +32,7 @@ import sentencepiece as spm
 import webdataset as wds
 
 from clipalign.data.sample import listed_captions, sample_captions, sample_json
-from clipalign.data.shards import SkipCounter, expand_urls
+from clipalign.data.shards import SkipCounter, expand_urls, shard_samples
 from clipalign.data.sources import open_table, table_format_of
 from clipalign.layout import write_atomic
 from clipalign.tokenizer import DEFAULT_CONTEXT_LENGTH, clean_text
@@ -189,7 +189,7 @@ def _sample_captions(sample: dict[str, Any]) -> list[str]:
 
 def _shard_captions(url: str, counter: SkipCounter) -> Iterator[str]:
     # every member is read (a tar stream passes over the images anyway) so that captionless samples are counted
-    for sample in wds.tarfile_to_samples(handler=counter.tar_error)(iter([{"url": url}])):
+    for sample in shard_samples([url], lambda _, __: counter.skip("unreadable_tar")):
         try:
             captions = _sample_captions(sample)
         except ValueError:  # UnicodeDecodeError included

@@ -321,3 +321,21 @@ def test_a_second_member_of_one_name_is_left_out_and_counted(tmp_path, tokenizer
     batch = next(iter(ShardStream([str(path)], tokenizer, 16, 2, resampled=False, shuffle_buffer=0)))
     assert batch["skipped"] == {"unreadable_tar": 1}
 
+
+
+def test_the_inspector_and_the_tokenizer_trainer_count_a_cut_shard_as_training_does(tmp_path, whole):
+    """They walk shards with the same reader: the whole samples before the cut, one error, nothing else counted."""
+    from clipalign.data.inspect_shards import inspect_shards
+    from clipalign.data.shards import SkipCounter
+    from clipalign.train_tokenizer import _shard_captions
+
+    data, cuts = whole
+    cut, kept = cuts["in sample 3's caption header"]
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[:cut])
+    report = inspect_shards(str(path), progress=False)
+    assert (report["samples"], report["bad_total"], len(report["tar_errors"])) == (kept, 0, 1)
+    assert "unexpected end of data" in report["tar_errors"][0]["error"]
+    counter = SkipCounter()
+    assert len(list(_shard_captions(str(path), counter))) == kept
+    assert counter.take() == {"unreadable_tar": 1}

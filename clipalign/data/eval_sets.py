@@ -27,7 +27,7 @@ import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset
 
 from clipalign.data.sample import image_bytes, lines_beside, sample_json
-from clipalign.data.shards import expand_urls
+from clipalign.data.shards import expand_urls, shard_samples
 from clipalign.data.sources import open_table
 from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, decode_image
 
@@ -110,14 +110,12 @@ class ShardSamples(IterableDataset):
         self.max_pixels = max_pixels
         self.tar_errors = 0
 
-    def _tar_error(self, exn: Exception) -> bool:
+    def _tar_error(self, url: str, message: str) -> None:
         self.tar_errors += 1
-        return True
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, Any, str]]:
         _, _, worker, workers = wds.utils.pytorch_worker_info()
-        mine = ({"url": u} for u in self.urls[worker::workers])
-        for sample in wds.tarfile_to_samples(handler=self._tar_error)(mine):
+        for sample in shard_samples(self.urls[worker::workers], self._tar_error):
             data = image_bytes(sample)
             if data is None:
                 yield None, None, "no_image"

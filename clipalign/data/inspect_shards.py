@@ -12,6 +12,7 @@ Tar files that cannot be read to the end are listed with their error.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import random
@@ -22,12 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
 from clipalign.data.sample import caption_of, image_bytes
-from clipalign.data.shards import expand_urls
+from clipalign.data.shards import expand_urls, shard_samples
 from clipalign.data.transforms import decode_image
 from clipalign.layout import write_atomic
 
@@ -119,7 +119,7 @@ def inspect_shards(spec: str, limit: int | None = None, examples: int = 5, progr
                 break
             errors: list[str] = []
             count, complete = 0, True
-            for sample in wds.tarfile_to_samples(handler=_collect(errors))([{"url": url}]):
+            for sample in shard_samples([url], functools.partial(_record, errors)):
                 if limit is not None and report.samples >= limit:
                     complete = False
                     break
@@ -127,7 +127,7 @@ def inspect_shards(spec: str, limit: int | None = None, examples: int = 5, progr
                 count += 1
                 bar.update()
             shards.append({"shard": url, "samples": count, **({} if complete else {"partial": True})})
-            if errors:  # one broken file can raise twice (in a member, then at the next header): report the first
+            if errors:  # a read ends at its first error: one per broken shard
                 tar_errors.append({"shard": url, "error": errors[0]})
     counts = [s["samples"] for s in shards if not s.get("partial")]
     return {
@@ -151,15 +151,8 @@ def inspect_shards(spec: str, limit: int | None = None, examples: int = 5, progr
     }
 
 
-def _collect(errors: list[str]):
-    """A webdataset handler that records an error and goes on, as the training pipeline does."""
-
-    def handler(exn: Exception) -> bool:
-        message = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # webdataset appends " @ <stream>"
-        errors.append(f"{type(exn).__name__}: {message}")
-        return True
-
-    return handler
+def _record(errors: list[str], url: str, message: str) -> None:
+    errors.append(message)
 
 
 def _summary(values: Sequence[int], percentiles: bool = True) -> dict[str, float] | None:

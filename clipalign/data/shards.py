@@ -91,11 +91,6 @@ class SkipCounter:
     def skip(self, reason: str) -> None:
         self.pending[reason] += 1
 
-    def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable shards and tar members: count and go on."""
-        self.skip("unreadable_tar")
-        return True
-
     def take(self) -> dict[str, int]:
         out, self.pending = dict(self.pending), Counter()
         return out
@@ -181,6 +176,18 @@ def read_shard(url: str, bad_member: Callable[[str], None] | None = None) -> Ite
     finally:
         if stream is not None and not closed:
             _close(stream)
+
+
+def shard_samples(urls: Iterable[str], on_error: Callable[[str, str], None],
+                  bad_member: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """The whole samples of each shard in turn (`read_shard`); a shard that cannot be read to its end is reported
+    once, as `on_error(url, message)`, and the next one read. What the tools that walk shards once (the inspector,
+    the tokenizer trainer, labelled evaluation shards) share with training's count of broken shards."""
+    for url in urls:
+        try:
+            yield from read_shard(url, bad_member)
+        except ShardReadError as exn:
+            on_error(url, str(exn))
 
 
 class ShardReadError(Exception):
