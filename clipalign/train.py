@@ -49,6 +49,7 @@ from clipalign.layout import (
     SUMMARY_FILE,
     TOKENIZER_FILE,
     RunDirBusy,
+    checkpoint_dir,
     is_sharded_checkpoint,
     keys_file,
     lock_run_dir,
@@ -265,6 +266,21 @@ def _data_start(state: dict, streams: int) -> dict[int, tuple[int, int]]:
                       f"but this run has {streams}; the exact pass restarts from its beginning", stacklevel=2)
         return {}
     return {int(k): tuple(v) for k, v in data["positions"].items()}
+
+
+def _last_logged_loss(metrics: Path) -> float | None:
+    """The loss of the last metrics line of a run (a launch that trained no step reports the run's), or None."""
+    if not metrics.is_file():
+        return None
+    losses = []
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if "loss" in record:
+            losses.append(record["loss"])
+    return losses[-1] if losses else None
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -542,6 +558,10 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     else:
         # exact passes replay the same shard permutations and continue each worker where it stopped
         stream_args = {"seed": cfg.train.seed, "start": _data_start(state, streams)}
+    # where this process's streams stand: a launch that trains no step (resumed at its last step) saves them again
+    workers_per_process = max(1, cfg.data.workers)
+    start_positions = {} if cfg.data.resampled else {
+        s: p for s, p in stream_args["start"].items() if s // workers_per_process == accelerator.process_index}
     loader = make_train_loader(sources, tokenizer, raw_model.image_size, cfg.data.batch_size, cfg.data.workers,
                                resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
                                crop_scale=cfg.data.train_crop_scale, pin_memory=accelerator.device.type == "cuda",
@@ -553,7 +573,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                                # the model's resize (interpolation, resize mode), the one its evaluation uses
                                preprocess_cfg=getattr(raw_model.clip.visual, "preprocess_cfg", None), **stream_args)
     batches = iter(loader)
-    positions: dict[int, tuple[int, int]] = {}  # stream -> (epoch, emitted) of the last batch consumed
+    positions: dict[int, tuple[int, int]] = dict(start_positions)  # stream -> (epoch, emitted) of the last batch
 
     # ---- logging -----------------------------------------------------------------------------------------------
     if log_with:
@@ -648,11 +668,14 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     nonfinite.check(wait=True)
 
     # ---- end: checkpoint, zero-shot, export --------------------------------------------------------------------
-    final = _checkpoint(accelerator, run_dir, step, cfg,
-                        _trainer_state(accelerator, samples_seen, positions, streams, cfg.train.sharding), tokenizer,
-                        sharded_state)
+    if resume is not None and resume.resolve() == checkpoint_dir(run_dir, step).resolve():
+        final = resume  # relaunched after its last checkpoint (killed while ending): nothing new to save
+    else:
+        final = _checkpoint(accelerator, run_dir, step, cfg,
+                            _trainer_state(accelerator, samples_seen, positions, streams, cfg.train.sharding),
+                            tokenizer, sharded_state)
     summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(window.skipped_total),
-               "loss": last.get("loss")}
+               "loss": last.get("loss", _last_logged_loss(metrics_path))}
     eval_model = _whole_model(cfg, raw_model, accelerator.device) if cfg.eval.zeroshot or cfg.eval.retrieval \
         else raw_model
     if is_main:

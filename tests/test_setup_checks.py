@@ -162,3 +162,21 @@ def test_a_pipe_source_with_a_credential_reaches_neither_trackers_nor_the_model_
     assert any(b"pipe:<command redacted>" in path.read_bytes() for path in events)
     card = (export_model(run, tmp_path / "export") / "README.md").read_text()
     assert SECRET not in card and "pipe:<command redacted>" in card
+
+
+@pytest.mark.slow
+def test_relaunching_a_finished_run_keeps_its_last_checkpoint_and_data_position(tmp_path):
+    """A run killed after its last save (while ending) and relaunched with resume=auto trains nothing: its final
+    checkpoint must stay as it was (data positions included), and the summary still reports the run's loss."""
+    run = tmp_path / "run"
+    args = ["data.resampled=false", "train.steps=2", "train.log_with=none", f"train.output_dir={run}"]
+    _train(tmp_path, *args)
+    state_file = run / "checkpoints" / "step_00000002" / "trainer_state.json"
+    before = state_file.read_text()
+    assert json.loads(before)["data"]["positions"]  # exact passes record where each stream stands
+    summary_before = json.loads((run / "summary.json").read_text())
+    proc = _train(tmp_path, *args, "train.resume=auto")
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert state_file.read_text() == before
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["loss"] == summary_before["loss"] is not None and summary["step"] == 2
