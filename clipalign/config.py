@@ -190,8 +190,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     zeroshot: str = _key("", "ImageFolder, labelled shards or CSV to score zero-shot at the end (and every `every` "
-                             "steps)")
-    retrieval: str = _key("", "CSV of (filepath, caption) rows, or captioned shards, for image-text retrieval")
+                             "steps); none = no zero-shot evaluation (not even the synthetic set's)")
+    retrieval: str = _key("", "CSV of (filepath, caption) rows, or captioned shards, for image-text retrieval; none = "
+                              "no retrieval evaluation")
     every: int = _key(0, "steps between zero-shot evaluations during training; 0 = only at the end", ">= 0")
     classnames: str = _key("", "file with one class name per line, or cifar10 | cifar100 | imagenet1k (built in)")
     templates: str = _key("", 'file with one prompt template per line ("{}" for the class name), or a built-in set')

@@ -134,10 +134,20 @@ def _prepare_data(cfg: Config, accelerator: Accelerator, image_size: int) -> Non
     with accelerator.local_main_process_first():
         ds = make_synthetic_dataset(root, train_samples=cfg.data.synthetic_samples, image_size=image_size)
     cfg.data.train = ds.train_pattern
-    if not cfg.eval.zeroshot:
+    if not cfg.eval.zeroshot:  # "none" turns it off
         cfg.eval.zeroshot = str(ds.heldout_dir)
     if not cfg.eval.retrieval:
         cfg.eval.retrieval = str(ds.heldout_captions)
+
+
+def _eval_set(cfg: Config, kind: str) -> str:
+    """eval.zeroshot or eval.retrieval, "" when there is none to run ("none" turns off the synthetic set's)."""
+    value = getattr(cfg.eval, kind)
+    return "" if value == "none" else value
+
+
+def _evaluates(cfg: Config) -> bool:
+    return bool(_eval_set(cfg, "zeroshot") or _eval_set(cfg, "retrieval"))
 
 
 def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
@@ -163,7 +173,7 @@ def _check_eval_sources(cfg: Config) -> None:
     """The evaluation sets named in the recipe exist (local ones): found now, not after the training."""
     for key in ("zeroshot", "retrieval", "classnames", "templates"):
         value = getattr(cfg.eval, key)
-        if not value or "://" in value or value.startswith("pipe:"):
+        if not value or value == "none" or "://" in value or value.startswith("pipe:"):
             continue
         if key in ("classnames", "templates") and not any(sep in value for sep in "/\\.") :
             continue  # a built-in set (cifar10, imagenet1k, ...): checked when it is read
@@ -646,7 +656,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 if log_with:
                     accelerator.log({k: v for k, v in last.items() if k != "skipped"}, step=step)
 
-            if (cfg.eval.zeroshot or cfg.eval.retrieval) and cfg.eval.every and step % cfg.eval.every == 0 \
+            if _evaluates(cfg) and cfg.eval.every and step % cfg.eval.every == 0 \
                     and step < cfg.train.steps:
                 with window.paused():  # evaluation time is not training time
                     # every process: a sharded model gathers its weights
@@ -676,7 +686,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                             tokenizer, sharded_state)
     summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(window.skipped_total),
                "loss": last.get("loss", _last_logged_loss(metrics_path))}
-    eval_model = _whole_model(cfg, raw_model, accelerator.device) if cfg.eval.zeroshot or cfg.eval.retrieval \
+    eval_model = _whole_model(cfg, raw_model, accelerator.device) if _evaluates(cfg) \
         else raw_model
     if is_main:
         summary.update(_evaluate_and_export(cfg, eval_model, final, metrics_path))
@@ -705,15 +715,15 @@ def _evaluate(cfg: Config, model) -> dict:
     from clipalign.evaluate import resolve_lines, zero_shot_classification, zero_shot_retrieval
 
     results = {}
-    if cfg.eval.zeroshot:
+    if _eval_set(cfg, "zeroshot"):
         classnames = resolve_lines(cfg.eval.classnames, "classnames") if cfg.eval.classnames else None
         templates = resolve_lines(cfg.eval.templates, "templates") if cfg.eval.templates else None
-        results["zeroshot"] = zero_shot_classification(model, cfg.eval.zeroshot, classnames=classnames,
+        results["zeroshot"] = zero_shot_classification(model, _eval_set(cfg, "zeroshot"), classnames=classnames,
                                                        templates=templates, batch_size=cfg.eval.batch_size,
                                                        progress=False, precision=cfg.eval.precision,
                                                        max_image_pixels=cfg.data.max_image_pixels)
-    if cfg.eval.retrieval:
-        results["retrieval"] = zero_shot_retrieval(model, cfg.eval.retrieval, batch_size=cfg.eval.batch_size,
+    if _eval_set(cfg, "retrieval"):
+        results["retrieval"] = zero_shot_retrieval(model, _eval_set(cfg, "retrieval"), batch_size=cfg.eval.batch_size,
                                                    progress=False, precision=cfg.eval.precision,
                                                    max_image_pixels=cfg.data.max_image_pixels)
     return results
@@ -723,7 +733,7 @@ def _evaluate_and_export(cfg: Config, model, checkpoint: Path, metrics_path: Pat
     from clipalign.export import export_model
 
     out: dict = {}
-    if cfg.eval.zeroshot or cfg.eval.retrieval:
+    if _evaluates(cfg):
         out.update(_evaluate(cfg, model))
         _append_jsonl(metrics_path, {"step": read_trainer_state(checkpoint)["step"], **out})
     if cfg.export.dir:

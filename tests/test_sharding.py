@@ -113,7 +113,8 @@ def _launch(processes: int, args: list[str], env: dict) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """A: FSDP, 2 processes, checkpoints at steps 2 and 4, evaluated at step 2 and at the end, exported.
+    """A: FSDP, 2 processes, checkpoints at steps 2 and 4, evaluated at step 2 and at the end, exported; the others
+    do not evaluate (eval.zeroshot=none, eval.retrieval=none).
     B: FSDP, 2 processes, resumed from A's step 2.   C: DDP, 2 processes, resumed from A's step 2.
     D: FSDP, 4 processes, resumed from A's step 4 (nothing left to train: the state goes through unchanged).
     E: FSDP, 2 processes, resumed from C's (DDP) step 4, nothing left to train, exported."""
@@ -123,18 +124,19 @@ def chain(tmp_path_factory):
     env = dict(os.environ, CLIPALIGN_CACHE=str(root / "cache"), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     runs = {name: root / name for name in "ABCDE"}
     step = {n: f"checkpoints/step_0000000{n}" for n in (2, 4)}
+    off = ["eval.zeroshot=none", "eval.retrieval=none"]
     procs = {
         "A": _launch(2, ["train.sharding=fsdp", "train.checkpoint_every=2", "eval.every=2",
                          f"train.output_dir={runs['A']}", f"export.dir={runs['A'] / 'export'}"], env),
-        "B": _launch(2, ["train.sharding=fsdp", f"train.resume={runs['A'] / step[2]}",
+        "B": _launch(2, [*off, "train.sharding=fsdp", f"train.resume={runs['A'] / step[2]}",
                          f"train.output_dir={runs['B']}", "export.dir="], env),
-        "C": _launch(2, ["train.sharding=ddp", f"train.resume={runs['A'] / step[2]}",
+        "C": _launch(2, [*off, "train.sharding=ddp", f"train.resume={runs['A'] / step[2]}",
                          f"train.output_dir={runs['C']}", "export.dir="], env),
         # 4 processes need 4 shards for exact passes: this one draws with replacement from the 2
-        "D": _launch(4, ["train.sharding=fsdp", f"train.resume={runs['A'] / step[4]}", "data.resampled=true",
+        "D": _launch(4, [*off, "train.sharding=fsdp", f"train.resume={runs['A'] / step[4]}", "data.resampled=true",
                          f"train.output_dir={runs['D']}", "export.dir="], env),
     }
-    procs["E"] = _launch(2, ["train.sharding=fsdp", f"train.resume={runs['C'] / step[4]}",
+    procs["E"] = _launch(2, [*off, "train.sharding=fsdp", f"train.resume={runs['C'] / step[4]}",
                              f"train.output_dir={runs['E']}", f"export.dir={runs['E'] / 'export'}"], env)
     return runs, procs, step
 
@@ -202,6 +204,9 @@ def test_fsdp_resumes_exactly_on_the_same_processes(chain):
     assert _max_diff(a, b) == 0.0
     assert _max_diff(_optimizer_moments(runs["A"] / step[4]), _optimizer_moments(runs["B"] / step[4])) == 0.0
     assert _losses(runs["B"])[4] == _losses(runs["A"])[4]
+    # eval.zeroshot=none, eval.retrieval=none: no evaluation, not even of the synthetic held-out set
+    records = [json.loads(line) for line in (runs["B"] / "metrics.jsonl").read_text().splitlines()]
+    assert not any("zeroshot" in r or "retrieval" in r for r in records)
 
 
 @pytest.mark.slow
@@ -254,7 +259,8 @@ def test_fsdp_in_one_process_without_a_launcher_trains_the_plain_model(tmp_path)
     for sharding in ("fsdp", "ddp"):
         runs[sharding] = tmp_path / sharding
         proc = subprocess.run([sys.executable, "-m", "clipalign.train", str(QUICKSTART), *SMALL, "train.steps=2",
-                               f"train.sharding={sharding}", f"train.output_dir={runs[sharding]}", "export.dir="],
+                               f"train.sharding={sharding}", f"train.output_dir={runs[sharding]}", "export.dir=",
+                               "eval.zeroshot=none", "eval.retrieval=none"],
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     fsdp, plain = (runs[k] / "checkpoints" / "step_00000002" for k in ("fsdp", "ddp"))

@@ -132,7 +132,8 @@ class Runner:
     def synthetic(self, run: Path, steps: int, *overrides: str) -> list[str]:
         return self.cmd(run, "data.synthetic_samples=2000", "data.batch_size=16", "data.workers=1",
                         "data.shuffle_buffer=64", "data.resampled=false", "train.checkpoint_every=2",
-                        "train.keep_checkpoints=0", "eval.batch_size=256", f"train.steps={steps}", *overrides)
+                        "train.keep_checkpoints=0", "eval.zeroshot=none", "eval.retrieval=none",
+                        f"train.steps={steps}", *overrides)
 
 
 def _skipped(run: Path) -> dict[str, int]:
