@@ -30,12 +30,14 @@ from clipalign.train_tokenizer import _sample_captions
 
 
 def _reported_reasons(module) -> set[str]:
-    """The skip reasons a module's code can report: string constants handed to `skip(...)`, given as `reason=` or
-    `skip=`, assigned to `skip`/`reason`, or returned by the functions that judge a sample or a sidecar."""
+    """The skip reasons a module's code can report: string constants handed to `skip(...)` or `count(...)`, given as
+    `reason=` or `skip=`, assigned to `skip`/`reason`, or returned by the functions that judge a sample or a sidecar
+    (`decode` in the training stream)."""
     tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
     places: list[ast.AST] = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "skip":
+        called = getattr(node.func, "attr", getattr(node.func, "id", None)) if isinstance(node, ast.Call) else None
+        if called in ("skip", "count"):
             places += node.args
         if isinstance(node, ast.keyword) and node.arg in ("reason", "skip"):
             places.append(node.value)
@@ -43,6 +45,9 @@ def _reported_reasons(module) -> set[str]:
             places.append(node.value)
         if isinstance(node, ast.FunctionDef) and node.name in ("_sidecar_captions", "_judge"):
             places += [n.value for n in ast.walk(node) if isinstance(n, ast.Return) and n.value is not None]
+        if isinstance(node, ast.FunctionDef) and node.name == "decode":  # returns a reason, or the decoded sample
+            places += [n.value for n in ast.walk(node)
+                       if isinstance(n, ast.Return) and isinstance(n.value, ast.Constant)]
     return {n.value for place in places for n in ast.walk(place)
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value}
 
