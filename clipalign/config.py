@@ -84,10 +84,14 @@ def _key(default: Any, doc: str, valid: str | None = None) -> Any:
 @dataclass
 class DataConfig:
     train: str = _key("", 'shard pattern(s), e.g. "/data/cc3m/{00000..00331}.tar"; "::" separates sources')
+    val: str = _key("", "validation shard pattern(s), read like data.train: the training loss and retrieval recall "
+                        "on their first eval.val_samples samples; \"\" = no validation")
     batch_size: int = _key(256, "samples per process per step (global batch = this x processes)", ">= 1")
     workers: int = _key(4, "DataLoader workers per process; 0 = load in the training process", ">= 0")
     shuffle_buffer: int = _key(1000, "samples held for shuffling, per worker; 0 or 1 = no shuffling", ">= 0")
     weights: list[float] = _key([], "sampling weight per `::` source (resampled); [] = equal", ">= 0")
+    captions: dict = _key({}, "training caption sources and weights, e.g. {txt: 0.5, json.recaption: 0.5}: each "
+                              "sample draws one of those it has; {} = the .txt, else the JSON captions/caption")
     resampled: bool = _key(True, "draw shards with replacement (an endless stream); false = exact passes over the "
                                  "shards")
     num_samples: int = _key(0, "samples in one pass over data.train, to log epochs; 0 = unknown", ">= 0")
@@ -103,6 +107,14 @@ class DataConfig:
                                         "the run with an error naming it", ">= 1")
     batch_timeout: float = _key(600.0, "seconds a data worker may go without a batch before the run stops with an "
                                        "error; 0 = wait forever", ">= 0")
+    keep: str = _key("", "file of sample ids to keep (DataComp .npy of uids, a text file of one id per line, CSV or "
+                         "parquet with a uid/key column); other samples are filtered before decoding; \"\" = all")
+    keep_id: str = _key("uid", "what data.keep and a keep_probability file list: uid (the .json's uid, DataComp) | "
+                               "key (the WebDataset __key__)")
+    keep_probability: str = _key("", "json:FIELD, or a .npy/.csv/.parquet file of ids and probabilities: each sample "
+                                     "is kept with its probability, drawn from its seed (same in a resumed run)")
+    min_score: str = _key("", "FIELD>=VALUE on a number of the sample's .json, e.g. clip_b32_similarity_score>=0.28; "
+                              "samples below it or without it are filtered")
     synthetic: bool = _key(False, "draw a synthetic captioned data set into the cache when `train` is empty")
     synthetic_samples: int = _key(12000, "training samples of the synthetic set", ">= 1")
     cache_dir: str = _key("", "where generated data lives; default $CLIPALIGN_CACHE or ~/.cache/clipalign")
@@ -198,6 +210,10 @@ class EvalConfig:
     templates: str = _key("", 'file with one prompt template per line ("{}" for the class name), or a built-in set')
     batch_size: int = _key(128, "images (and prompts) per evaluation forward pass", ">= 1")
     precision: str = _key("fp32", "fp32 | bf16 | fp16 autocast of the towers during evaluation")
+    val_every: int = _key(0, "with data.val: steps between validations during training; 0 = only at the end",
+                          ">= 0")
+    val_samples: int = _key(10000, "with data.val: samples validated each time, the first of the shards (rounded "
+                                   "down to whole global batches)", ">= 1")
 
 
 @dataclass
@@ -237,6 +253,34 @@ DECODE_CHOICES = ("auto", "workers", "device")
 ATTENTION_CHOICES = ("auto", "torch", "math", "flash", "efficient", "cudnn")
 # train.sharding: DDP (whole model per process) or FSDP2 (clipalign.sharding)
 SHARDING_CHOICES = ("ddp", "fsdp")
+# data.captions: a sample's `.txt` member, or a field of its `.json` (a string, or a list of strings)
+CAPTION_TXT = "txt"
+CAPTION_JSON_PREFIX = "json."
+
+
+def check_caption_sources(sources: Any) -> dict[str, float]:
+    """`data.captions` as {source: weight}: each source `txt` or `json.FIELD` (a top-level key of the sample's JSON),
+    each weight a finite number > 0 (a string such as `5e-1` read as one). Raises ValueError naming the bad entry."""
+    if not isinstance(sources, dict):
+        raise ValueError(f"expected a mapping of caption sources to weights, got {sources!r}")
+    checked = {}
+    for name, weight in sources.items():
+        if not isinstance(name, str) or not (name == CAPTION_TXT or (
+                name.startswith(CAPTION_JSON_PREFIX) and len(name) > len(CAPTION_JSON_PREFIX))):
+            raise ValueError(f"caption source {name!r} is neither {CAPTION_TXT} nor {CAPTION_JSON_PREFIX}FIELD "
+                             f"(FIELD: a key of the sample's .json)")
+        number = weight
+        if isinstance(weight, str):
+            try:
+                number = float(weight)
+            except ValueError:
+                pass
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or number <= 0:
+            raise ValueError(f"caption source {name}: the weight must be a finite number > 0, got {weight!r}")
+        checked[name] = float(number)
+    return checked
+
 
 _CHOICES = {
     ("loss", "kind"): LOSS_KINDS,
@@ -250,6 +294,7 @@ _CHOICES = {
     ("train", "patch_embed"): ("auto", "conv", "matmul"),
     ("eval", "precision"): ("fp32", "bf16", "fp16"),
     ("data", "decode"): DECODE_CHOICES,
+    ("data", "keep_id"): ("uid", "key"),  # clipalign.data.curation.KEEP_ID_CHOICES
 }
 
 
@@ -309,6 +354,11 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys of {section}: {_valid(hints)}")
     where = f"{source}: {section}.{key}"
     value = _coerce(where, value, hints[key])
+    if (section, key) == ("data", "captions"):
+        try:
+            value = check_caption_sources(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
     choices = _CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
@@ -447,7 +497,7 @@ def redact_source(spec: str) -> str:
 
 
 # the keys that name data sources, and are redacted in what is shared (trackers, export model cards)
-SOURCE_KEYS = (("data", "train"), ("eval", "zeroshot"), ("eval", "retrieval"))
+SOURCE_KEYS = (("data", "train"), ("data", "val"), ("eval", "zeroshot"), ("eval", "retrieval"))
 
 
 def shareable_config(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -1,11 +1,13 @@
-"""Draw a run's curves to a PNG: loss, logit scale (and bias), learning rate, throughput and zero-shot results.
+"""Draw a run's curves to a PNG: loss (and validation loss), logit scale (and bias), learning rate, throughput,
+zero-shot and validation retrieval results.
 
     clipalign-plot runs/quickstart                       # writes runs/quickstart/curves.png
     clipalign-plot runs/a runs/b --out compare.png       # several runs on the same axes
     python tools/plot.py runs/quickstart --x samples
 
-Reads each run directory's `metrics.jsonl` (a metrics line per `train.log_every` steps, and zero-shot lines; file
-names in `clipalign.layout`). Needs matplotlib (`pip install "clipalign[plot]"`).
+Reads each run directory's `metrics.jsonl` (a metrics line per `train.log_every` steps, zero-shot lines and
+validation lines, `{"step": S, "val": {...}}`; file names in `clipalign.layout`). The validation loss is drawn in the
+training loss's panel, its retrieval recall in a panel of its own. Needs matplotlib (`pip install "clipalign[plot]"`).
 """
 
 from __future__ import annotations
@@ -28,16 +30,42 @@ TRAIN_PANELS = [
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """A run's training lines and zero-shot lines from RUN/metrics.jsonl.
+    """A run's training lines and zero-shot lines from RUN/metrics.jsonl (validation lines: `read_val`).
 
     Raises:
         FileNotFoundError: naming the file, when the run has none.
         ValueError: naming the file and line, when a line is not JSON.
     """
+    train, zeroshot, _ = _read_lines(run_dir)
+    return train, zeroshot
+
+
+def read_val(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's validation results (`data.val`) as series: metric (`loss`, `image_retrieval_recall@1`, ...) ->
+    [(step, value)], in the order they were logged. Raises as `read_metrics`."""
+    return val_series(_read_lines(run_dir)[2])
+
+
+# what a validation line holds besides its curves
+_VAL_NOT_CURVES = ("samples", "batches", "global_batch", "seconds")
+
+
+def val_series(lines: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """metric -> [(step, value)] of validation lines (`{"step": S, "val": {...}}`)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in lines:
+        for key, value in line["val"].items():
+            if isinstance(value, (int, float)) and key not in _VAL_NOT_CURVES:
+                series.setdefault(key, []).append((line["step"], float(value)))
+    return series
+
+
+def _read_lines(run_dir: str | Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """RUN/metrics.jsonl's training, evaluation and validation lines."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such metrics file; pass a run directory (train.output_dir)")
-    train, zeroshot = [], []
+    train, zeroshot, val = [], [], []
     lines = path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -49,23 +77,46 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             if number == len(lines):
                 continue
             raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-        (zeroshot if "zeroshot" in record or "retrieval" in record else train).append(record)
-    return train, zeroshot
+        if "zeroshot" in record or "retrieval" in record:
+            zeroshot.append(record)
+        elif isinstance(record.get("val"), dict):
+            val.append(record)
+        else:
+            train.append(record)
+    return train, zeroshot, val
 
 
 _NOT_CURVES = ("num_images", "num_classes", "num_texts")
 _EVAL_KINDS = {"zeroshot": "zero-shot classification", "retrieval": "zero-shot retrieval"}
+VAL_RETRIEVAL_TITLE = "validation retrieval (data.val)"
 
 
-def _zeroshot_series(lines: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """evaluation panel -> metric -> [(step, value)]; metrics ending in "chance" are chance levels."""
+def _zeroshot_series(lines: list[dict], val: list[dict] = ()) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """evaluation panel -> metric -> [(step, value)]; metrics ending in "chance" are chance levels. The recall of
+    validation lines (`val`) makes a panel of its own."""
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for line in lines:
         for kind, title in _EVAL_KINDS.items():
             for key, value in line.get(kind, {}).items():
                 if isinstance(value, (int, float)) and key not in _NOT_CURVES:
                     series.setdefault(title, {}).setdefault(key, []).append((line["step"], float(value)))
+    for key, points in val_series(list(val)).items():
+        if "retrieval" in key:
+            series.setdefault(VAL_RETRIEVAL_TITLE, {})[key] = points
     return series
+
+
+def _samples_at(step: int, train: list[dict]) -> float:
+    """Samples seen at `step`, from the training lines (a validation line logs only its step)."""
+    known = [(r["step"], r["samples"]) for r in train if "samples" in r and r["step"] > 0]
+    exact = [samples for s, samples in known if s == step]
+    if exact:
+        return exact[-1]
+    before = [(s, samples) for s, samples in known if s <= step] or known
+    if not before:
+        return float(step)
+    s, samples = before[-1]
+    return samples / s * step
 
 
 def pyplot(what: str = "clipalign-plot"):
@@ -94,9 +145,11 @@ def save_figure(fig, path: str | Path) -> Path:
 def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     """Draw the curves of one or more runs into one PNG at `out`; returns its path."""
     plt = pyplot()
-    runs = {str(d): read_metrics(d) for d in run_dirs}
-    panels = [(key, title) for key, title in TRAIN_PANELS if any(key in r for train, _ in runs.values() for r in train)]
-    zeroshot = {name: _zeroshot_series(zs) for name, (_, zs) in runs.items()}
+    runs = {str(d): _read_lines(d) for d in run_dirs}
+    panels = [(key, title) for key, title in TRAIN_PANELS
+              if any(key in r for train, _, _ in runs.values() for r in train)
+              or key == "loss" and any(val for _, _, val in runs.values())]
+    zeroshot = {name: _zeroshot_series(zs, val) for name, (_, zs, val) in runs.items()}
     eval_sets = sorted({s for series in zeroshot.values() for s in series})
     if not panels and not eval_sets:
         raise ValueError(f"no metrics to plot in {', '.join(runs)}: the runs logged no steps yet")
@@ -107,12 +160,19 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> P
     axes_left = iter(axes.flat)
     for key, title in panels:
         ax = next(axes_left)
-        for name, (train, _) in runs.items():
+        validated = key == "loss" and any(val for _, _, val in runs.values())
+        for name, (train, _, val) in runs.items():
             points = [(r.get(x, r["step"]), r[key]) for r in train if key in r]
             if points:
-                ax.plot(*zip(*points), label=_label(name, runs))
+                ax.plot(*zip(*points), label=_label(name, runs) + ("train" if validated else ""))
+            if key == "loss" and val:  # the validation loss beside the training loss, on the same x axis
+                losses = val_series(val).get("loss", [])
+                ax.plot([_samples_at(s, train) if x == "samples" else s for s, _ in losses],
+                        [v for _, v in losses], marker="o", label=f"{_label(name, runs)}val")
+        if validated:
+            title = "loss (training: mean over processes; val: data.val)"
         ax.set(title=title, xlabel=x, yscale="log" if key == "loss" else "linear")
-        _finish(ax, legend=len(runs) > 1)
+        _finish(ax, legend=len(runs) > 1 or validated)
     for set_name in eval_sets:  # one panel per eval set: every metric of every run, chance as a dashed line
         ax = next(axes_left)
         for name, series in zeroshot.items():

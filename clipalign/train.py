@@ -39,6 +39,7 @@ from clipalign.checkpoint import (
     save_sharded_state,
 )
 from clipalign.config import Config, ConfigError, describe_keys, load_config, read_config, shareable_config
+from clipalign.data.curation import FILTER_REASON_NAMES, SampleFilter
 from clipalign.data.device_decode import device_images, resolve_decode
 from clipalign.data.sample import STREAM_SKIP_REASONS as SKIP_REASONS  # one list, in clipalign.data.sample
 from clipalign.data.shards import DataSourceError, expand_sources, make_train_loader
@@ -161,12 +162,25 @@ def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
         raise ConfigError(f"train.resume: {e}") from None
 
 
-def _expand_train_sources(spec: str) -> list[list[str]]:
+def _expand_train_sources(spec: str, key: str = "data.train") -> list[list[str]]:
     """`expand_sources`, with a missing shard or an empty pattern reported as the recipe error it is."""
     try:
-        return expand_sources(spec)
+        return expand_sources(spec, key)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_val(cfg: Config, world: int) -> None:
+    """data.val's shards exist (local ones), and eval.val_samples fills at least one global batch of validation."""
+    if not cfg.data.val:
+        if cfg.eval.val_every:
+            raise ConfigError(f"eval.val_every={cfg.eval.val_every} validates on data.val, which is not set")
+        return
+    _expand_train_sources(cfg.data.val, "data.val")
+    val_batch = cfg.data.batch_size * cfg.train.accum_steps * world  # the rows a training loss is computed over
+    if cfg.eval.val_samples < val_batch:
+        raise ConfigError(f"eval.val_samples={cfg.eval.val_samples} is less than one global batch of validation, "
+                          f"the training's: data.batch_size x train.accum_steps x {world} processes = {val_batch}")
 
 
 def _check_eval_sources(cfg: Config) -> None:
@@ -363,10 +377,10 @@ class NonfiniteGuard:
 class MetricsWindow:
     """The steps since the last metrics line: their time, data wait and skipped samples, and the totals so far.
 
-    The loop adds to `steps`, `wait` (seconds spent waiting for batches) and `skipped` (counts by reason, on the
-    host); `line` sums the skip counts over processes, returns the metrics record and starts the next window. The
-    FLOPs of one optimizer step are counted once, on the first step (`counting_flops`), for the achieved TFLOP/s and
-    the MFU estimate.
+    The loop adds to `steps`, `wait` (seconds spent waiting for batches), `skipped` and `filtered` (counts by reason,
+    on the host); `line` sums the skip and filter counts over processes, returns the metrics record and starts the
+    next window. The FLOPs of one optimizer step are counted once, on the first step (`counting_flops`), for the
+    achieved TFLOP/s and the MFU estimate.
     """
 
     def __init__(self, accelerator: Accelerator, global_batch: int, peak_tflops: float, num_samples: int = 0):
@@ -374,11 +388,13 @@ class MetricsWindow:
         self.num_samples = num_samples  # samples in one pass over the data, for the epoch; 0 = unknown
         self.step_flops: int | None = None  # FLOPs of one optimizer step over all processes
         self.skipped_total: Counter[str] = Counter()
+        self.filtered_total: Counter[str] = Counter()  # samples the curation settings filtered out (data.keep, ...)
         self._restart()
 
     def _restart(self) -> None:
         self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
         self.skipped: Counter[str] = Counter()
+        self.filtered: Counter[str] = Counter()
 
     def counting_flops(self):
         """A context that counts the FLOPs of what runs inside it the first time, and does nothing after."""
@@ -403,9 +419,12 @@ class MetricsWindow:
         """The metrics record of the window ending at `step`, then a new window; every process calls it."""
         accelerator = self.accelerator
         loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-        counts = torch.tensor([self.skipped[r] for r in SKIP_REASONS], device=accelerator.device)
+        # skipped and filtered counts, summed over processes in one reduction
+        counts = torch.tensor([self.skipped[r] for r in SKIP_REASONS] + [self.filtered[r] for r in FILTER_REASON_NAMES],
+                              device=accelerator.device)
         summed = accelerator.reduce(counts, reduction="sum").tolist()
         self.skipped_total.update({r: int(n) for r, n in zip(SKIP_REASONS, summed) if n})
+        self.filtered_total.update({r: int(n) for r, n in zip(FILTER_REASON_NAMES, summed[len(SKIP_REASONS):]) if n})
         elapsed = time.perf_counter() - self.start
         tflops = (self.step_flops or 0) * self.steps / elapsed / 1e12  # achieved, all processes together
         record = {
@@ -420,6 +439,7 @@ class MetricsWindow:
             "tflops": round(tflops, 4),
             "nonfinite_steps": nonfinite_steps,
             "skipped": dict(self.skipped_total),
+            "filtered": dict(self.filtered_total),
         }
         if model.clip.logit_bias is not None:
             record["logit_bias"] = round(model.clip.logit_bias.item(), 4)
@@ -489,7 +509,12 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         _check_resumable(cfg, resume)
     if cfg.data.train or not cfg.data.synthetic:
         _expand_train_sources(cfg.data.train)
+    _check_val(cfg, world)
     _check_eval_sources(cfg)
+    # data.keep, keep_probability, min_score: their files read (and checked) now; None when none is set
+    sample_filter = SampleFilter.from_config(cfg.data)
+    if sample_filter is not None:
+        accelerator.print(f"curating at load time: {sample_filter.describe()}")
 
     # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
     model = create_model(cfg.model, cfg.loss.kind)
@@ -580,6 +605,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                                # a dead source or a stalled worker stops the run with a DataSourceError naming it
                                max_source_failures=cfg.data.max_source_failures,
                                batch_timeout=cfg.data.batch_timeout,
+                               captions=cfg.data.captions,  # caption sources and weights; {} = the default rule
+                               sample_filter=sample_filter,  # curation: before decoding, counted as `filtered`
                                # the model's resize (interpolation, resize mode), the one its evaluation uses
                                preprocess_cfg=getattr(raw_model.clip.visual, "preprocess_cfg", None), **stream_args)
     batches = iter(loader)
@@ -614,6 +641,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 micro_batches.append((images, texts.to(accelerator.device, non_blocking=True)))
                 window.skipped.update(batch["skipped"])
                 window.skipped.update(decode_skipped)
+                window.filtered.update(batch.get("filtered", {}))
                 stream, epoch, emitted = batch["position"]
                 positions[stream] = (epoch, emitted)
                 step_keys.extend(batch["keys"])
@@ -654,7 +682,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                     bar.set_postfix(loss=f"{last['loss']:.3f}", scale=f"{last['logit_scale']:.1f}",
                                     sps=f"{last['samples_per_s']:.0f}")
                 if log_with:
-                    accelerator.log({k: v for k, v in last.items() if k != "skipped"}, step=step)
+                    accelerator.log({k: v for k, v in last.items() if k not in ("skipped", "filtered")}, step=step)
 
             if _evaluates(cfg) and cfg.eval.every and step % cfg.eval.every == 0 \
                     and step < cfg.train.steps:
@@ -668,6 +696,10 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                             accelerator.log({f"{kind}/{k}": v for kind, result in results.items()
                                              for k, v in result.items() if isinstance(v, (int, float))}, step=step)
                     accelerator.wait_for_everyone()
+
+            if cfg.data.val and cfg.eval.val_every and step % cfg.eval.val_every == 0 and step < cfg.train.steps:
+                with window.paused():  # validation time is not training time
+                    _validate(cfg, accelerator, raw_model, loss_fn, memory_format, step, metrics_path, log_with)
 
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                 _checkpoint(accelerator, run_dir, step, cfg,
@@ -685,7 +717,9 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                             _trainer_state(accelerator, samples_seen, positions, streams, cfg.train.sharding),
                             tokenizer, sharded_state)
     summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(window.skipped_total),
-               "loss": last.get("loss", _last_logged_loss(metrics_path))}
+               "filtered": dict(window.filtered_total), "loss": last.get("loss", _last_logged_loss(metrics_path))}
+    if cfg.data.val:  # every process, on the model as it trains (a sharded one stays sharded)
+        summary["val"] = _validate(cfg, accelerator, raw_model, loss_fn, memory_format, step, metrics_path, log_with)
     eval_model = _whole_model(cfg, raw_model, accelerator.device) if _evaluates(cfg) \
         else raw_model
     if is_main:
@@ -708,6 +742,23 @@ def _whole_model(cfg: Config, model, device: torch.device):
     whole.load_state_dict(state)
     whole.tokenizer, whole.attention = model.tokenizer, model.attention
     return whole.to(device)
+
+
+def _validate(cfg: Config, accelerator: Accelerator, model, loss_fn, memory_format: torch.memory_format, step: int,
+              metrics_path: Path, log_with: str | None) -> dict:
+    """Validate on data.val with the training's loss and batches (every process; see clipalign.validate), log the
+    result to the metrics file (main process) and the tracker (`val/...`), and return it."""
+    from clipalign.validate import validate
+
+    result = validate(model, loss_fn, accelerator, cfg.data.val, cfg.data.batch_size * cfg.train.accum_steps,
+                      cfg.eval.val_samples, forward_size=cfg.data.batch_size, trim_text=cfg.train.trim_text,
+                      max_image_pixels=cfg.data.max_image_pixels, captions=cfg.data.captions or None,
+                      memory_format=memory_format)
+    if accelerator.is_main_process:
+        _append_jsonl(metrics_path, {"step": step, "val": result})
+    if log_with:
+        accelerator.log({f"val/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
+    return result
 
 
 def _evaluate(cfg: Config, model) -> dict:

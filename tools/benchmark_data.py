@@ -39,6 +39,17 @@ Images/s are medians over repeats, workers and device alternating; the ratio is 
 device / workers, both on one CPU thread (the CUDA decode is driven from that one thread). Quality: PSNR of the
 device output against the workers' output for the same images and crops.
 
+`--keep-bench` measures the cost of a keep-list (`data.keep`): the full one-worker pipeline above (ours), without
+and with a keep-list holding every sample of the shards plus `--keep-ids` random others (default 10^7), so that both
+do the same work; each sample gets a `.json` with a DataComp-style `uid`, and the list is DataComp's sorted `.npy`
+of uids (`--keep-id uid`, memory-mapped) or a text file of keys (`--keep-id key`, hashed at load). Images/s are
+medians over repeats, the two alternating, through a one-worker DataLoader by the wall clock and through the same
+loader without workers by the process's CPU time (what the work costs, whatever else the machine runs); each ratio
+is the median of per-repeat ratios with / without. The table also gives the list's load time and the filter's own
+CPU time per sample (JSON, uid, lookup), timed alone:
+
+    python tools/benchmark_data.py --keep-bench --sizes 256 --images 2000 --repeats 5 --json keep.json
+
 A stored size is the shorter side (img2dataset's `keep_ratio`) unless `--side long`; aspect ratios cycle through
 1:1, 4:3, 3:2, 3:4, 16:9 and 2:3. The images are drawn, not downloaded: flat-coloured shapes under 1/f luminance
 shading, a little chroma noise, patches of fine texture and sensor noise, saved at JPEG quality 90 with 4:2:0 chroma.
@@ -50,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import io
 import json
 import math
@@ -73,8 +85,9 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter, features
 from torch.utils.data import DataLoader
 
+from clipalign.data.curation import SampleFilter, uid_pair
 from clipalign.data.device_decode import device_images, pack_batch, prepare_image
-from clipalign.data.shards import make_train_loader
+from clipalign.data.shards import make_train_loader, shard_samples
 from clipalign.data.transforms import decode_image, eval_transform, train_transform
 from clipalign.data.writer import image_to_bytes, write_shards
 from clipalign.tokenizer import build_tokenizer
@@ -155,11 +168,17 @@ def _image_seed(seed: int, size: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, size, index]).generate_state(1)[0])
 
 
-def ensure_shards(cache: Path, size: int, images: int, side: str, seed: int = 0) -> list[Path]:
-    """Shards of `images` synthetic JPEGs stored at `size` px, written under `cache` or reused from an earlier run."""
+def sample_uid(seed: int, size: int, index: int) -> str:
+    """The DataComp-style uid (32 hex digits) of a benchmark sample written `with_uid`."""
+    return hashlib.blake2b(f"{seed}-{size}-{index}".encode(), digest_size=16).hexdigest()
+
+
+def ensure_shards(cache: Path, size: int, images: int, side: str, seed: int = 0, with_uid: bool = False) -> list[Path]:
+    """Shards of `images` synthetic JPEGs stored at `size` px, written under `cache` or reused from an earlier run.
+    `with_uid`: each sample also gets a `.json` with a DataComp-style `uid` (`sample_uid`)."""
     params = {"version": FORMAT_VERSION, "size": size, "images": images, "side": side, "seed": seed,
-              "quality": JPEG_QUALITY, "aspects": [round(a, 4) for a in ASPECTS]}
-    root = cache / f"{side}{size}-n{images}-s{seed}-v{FORMAT_VERSION}"
+              "quality": JPEG_QUALITY, "aspects": [round(a, 4) for a in ASPECTS], **({"uid": True} if with_uid else {})}
+    root = cache / f"{side}{size}-n{images}-s{seed}-v{FORMAT_VERSION}{'-uid' if with_uid else ''}"
     marker = root / _MARKER
     if marker.is_file() and json.loads(marker.read_text())["params"] == params:
         return [root / name for name in json.loads(marker.read_text())["shards"]]
@@ -169,7 +188,8 @@ def ensure_shards(cache: Path, size: int, images: int, side: str, seed: int = 0)
             width, height = stored_geometry(size, ASPECTS[i % len(ASPECTS)], side)
             img = synthetic_photo(width, height, _image_seed(seed, size, i))
             yield {"__key__": f"{i:06d}", "jpg": image_to_bytes(img, "jpg", quality=JPEG_QUALITY),
-                   "txt": f"a synthetic photo, number {i}"}
+                   "txt": f"a synthetic photo, number {i}",
+                   **({"json": {"uid": sample_uid(seed, size, i)}} if with_uid else {})}
 
     shards = write_shards(samples(), root, prefix="bench", samples_per_shard=SHARD_SAMPLES, mtime=_TAR_MTIME)
     marker.write_text(json.dumps({"params": params, "shards": [p.name for p in shards]}))
@@ -292,23 +312,26 @@ def _reference_loader(shards: list[Path], image_size: int, batch_size: int, toke
     return DataLoader(pipeline, batch_size=None, num_workers=1, persistent_workers=True, prefetch_factor=4)
 
 
-def _ours_loader(shards: list[Path], image_size: int, batch_size: int, tokenizer) -> DataLoader:
-    return make_train_loader([[str(p) for p in shards]], tokenizer, image_size, batch_size, workers=1, seed=0,
-                             resampled=True, shuffle_buffer=0, crop_scale=1.0)
+def _ours_loader(shards: list[Path], image_size: int, batch_size: int, tokenizer,
+                 sample_filter: SampleFilter | None = None, workers: int = 1) -> DataLoader:
+    return make_train_loader([[str(p) for p in shards]], tokenizer, image_size, batch_size, workers=workers, seed=0,
+                             resampled=True, shuffle_buffer=0, crop_scale=1.0, sample_filter=sample_filter)
 
 
 def _batch_len(batch) -> int:
     return len(batch["images"]) if isinstance(batch, dict) else len(batch[0])
 
 
-def _loader_rate(loader: DataLoader, images: int) -> float:
-    """Images/s of a loader once its worker has delivered a first batch (start-up is not timed)."""
+def _loader_rate(loader: DataLoader, images: int, cpu: bool = False) -> float:
+    """Images/s of a loader once its worker has delivered a first batch (start-up is not timed); with `cpu`, by this
+    process's CPU time (a loader without workers)."""
+    clock = time.process_time if cpu else time.perf_counter
     it = iter(loader)
     next(it)
-    count, start = 0, time.perf_counter()
+    count, start = 0, clock()
     while count < images:
         count += _batch_len(next(it))
-    rate = count / (time.perf_counter() - start)
+    rate = count / (clock() - start)
     del it
     return rate
 
@@ -360,6 +383,120 @@ def benchmark_size(size: int, args: argparse.Namespace, cache: Path, tokenizer) 
             "ratio": statistics.median(a / b for a, b in zip(loader_runs["ours"], loader_runs["reference"])),
         }
     return result
+
+
+# ---------------------------------------------------------------- the cost of a keep-list (data.keep)
+
+def ensure_keep_list(shards: list[Path], extra: int, keep_id: str, seed: int = 0) -> Path:
+    """A keep-list beside `shards` holding every one of their samples plus `extra` random others: DataComp's sorted
+    `.npy` of uids (`keep_id=uid`), or a text file of keys (`keep_id=key`). Reused when it is there."""
+    root = shards[0].parent
+    path = root / (f"keep-uid-{extra}-s{seed}.npy" if keep_id == "uid" else f"keep-key-{extra}-s{seed}.txt")
+    if path.is_file():
+        return path
+    samples = list(shard_samples([str(p) for p in shards], on_error=_raise))
+    rng = np.random.default_rng(seed)
+    tmp = path.with_name(path.name + ".tmp")
+    if keep_id == "uid":
+        ours = [uid_pair(json.loads(sample["json"])["uid"]) for sample in samples]
+        high = np.concatenate([rng.integers(0, 2 ** 64, extra, dtype=np.uint64, endpoint=False),
+                               np.array([h for h, _ in ours], np.uint64)])
+        low = np.concatenate([rng.integers(0, 2 ** 64, extra, dtype=np.uint64, endpoint=False),
+                              np.array([lo for _, lo in ours], np.uint64)])
+        order = np.lexsort((low, high))
+        uids = np.empty(len(high), np.dtype("u8,u8"))  # DataComp's layout: high, low 64 bits
+        uids["f0"], uids["f1"] = high[order], low[order]
+        with open(tmp, "wb") as f:
+            np.save(f, uids)
+    else:
+        with open(tmp, "w") as f:
+            for start in range(0, extra, 1 << 20):
+                f.write("".join(f"x{i:012d}\n" for i in range(start, min(extra, start + (1 << 20)))))
+            f.write("".join(f"{sample['__key__']}\n" for sample in samples))
+    tmp.replace(path)
+    return path
+
+
+def _raise(url: str, message: str) -> None:
+    raise RuntimeError(f"{url}: {message}")
+
+
+def measure_keep_list(shards: list[Path], images: int, repeats: int, batch_size: int, tokenizer, keep_path: Path,
+                      keep_id: str) -> dict:
+    """Without and with the keep-list (every sample of the shards on it, so both do the same work), alternating, the
+    order rotating: images/s through a one-worker DataLoader (wall clock), and through the same loader without
+    workers by this process's CPU time (what the work costs, whatever else the machine runs); the list's load time
+    and the filter's own cost per sample, timed alone in this process over the shards' raw samples."""
+    start = time.perf_counter()
+    sample_filter = SampleFilter(keep=str(keep_path), keep_id=keep_id)
+    load_seconds = time.perf_counter() - start
+    samples = list(shard_samples([str(p) for p in shards], on_error=_raise))
+    on_list = sum(sample_filter(sample) is None for sample in samples)
+    if on_list != len(samples):
+        raise RuntimeError(f"{len(samples) - on_list} of the shards' samples are not on {keep_path}")
+    costs = []
+    for _ in range(max(3, repeats)):
+        start = time.process_time()
+        for sample in samples:
+            sample_filter(sample)
+        costs.append((time.process_time() - start) / len(samples))
+    filters = {"without": None, "with_keep_list": sample_filter}
+    names = list(filters)
+    runs = {name: [] for name in filters}
+    cpu_runs = {name: [] for name in filters}
+    for r in range(repeats):
+        for name in names[r % 2:] + names[:r % 2]:
+            loader = _ours_loader(shards, IMAGE_SIZE, batch_size, tokenizer, sample_filter=filters[name])
+            runs[name].append(_loader_rate(loader, images))
+            del loader
+            gc.collect()
+            loader = _ours_loader(shards, IMAGE_SIZE, batch_size, tokenizer, sample_filter=filters[name], workers=0)
+            cpu_runs[name].append(_loader_rate(loader, images, cpu=True))
+            del loader
+            gc.collect()
+    return {
+        "keep_id": keep_id,
+        "list_ids": len(sample_filter.keep_list),
+        "list_bytes": sample_filter.keep_list.nbytes,
+        "list_load_s": load_seconds,
+        "samples_on_list": on_list,
+        "filter_us_per_sample": statistics.median(costs) * 1e6,
+        "throughput": {name: {"median": statistics.median(r), "runs": r} for name, r in runs.items()},
+        "ratio": statistics.median(w / wo for w, wo in zip(runs["with_keep_list"], runs["without"])),
+        "cpu_throughput": {name: {"median": statistics.median(r), "runs": r} for name, r in cpu_runs.items()},
+        "cpu_ratio": statistics.median(w / wo for w, wo in zip(cpu_runs["with_keep_list"], cpu_runs["without"])),
+    }
+
+
+def keep_benchmark_size(size: int, args: argparse.Namespace, cache: Path, tokenizer) -> dict:
+    """The keep-list measurements for one stored size."""
+    shards = ensure_shards(cache, size, args.images, args.side, with_uid=True)
+    keep_path = ensure_keep_list(shards, args.keep_ids, args.keep_id)
+    loader_images = max(args.batch_size, args.images // args.batch_size * args.batch_size)
+    return {"size": size, "side": args.side, "images": loader_images, "extra_ids": args.keep_ids,
+            **measure_keep_list(shards, loader_images, args.repeats, args.batch_size, tokenizer, keep_path,
+                                args.keep_id)}
+
+
+def format_keep_table(results: dict) -> str:
+    """A markdown table of a `--keep-bench` run."""
+    cfg = results["config"]
+    lines = [
+        f"Full pipeline (tar -> decode -> tokenize -> batches of {cfg['batch_size']}), one DataLoader worker, "
+        f"{cfg['images']} images x {cfg['repeats']} repeats, median images/s, without and with a keep-list "
+        f"(data.keep_id={cfg['keep_id']}) of every sample plus {cfg['keep_ids']:,} others",
+        "",
+        "| stored | ids on the list | list size | list load | filter alone, CPU per sample | one worker: without "
+        "| with keep-list | ratio | no worker, CPU time: without | with keep-list | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["sizes"]:
+        t, c = r["throughput"], r["cpu_throughput"]
+        lines.append(f"| {r['side']} side {r['size']} | {r['list_ids']:,} | {r['list_bytes'] / 2 ** 20:.0f} MiB "
+                     f"| {r['list_load_s']:.2f} s | {r['filter_us_per_sample']:.1f} us "
+                     f"| {t['without']['median']:.0f} | {t['with_keep_list']['median']:.0f} | {r['ratio']:.3f}x "
+                     f"| {c['without']['median']:.0f} | {c['with_keep_list']['median']:.0f} | {r['cpu_ratio']:.3f}x |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- where JPEGs are decoded (data.decode)
@@ -538,11 +675,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-batch-size", type=int, default=256, help="--decode-bench: images per batch")
     parser.add_argument("--crop-scale", type=float, default=0.9,
                         help="--decode-bench: RandomResizedCrop's lower scale bound (data.train_crop_scale)")
+    parser.add_argument("--keep-bench", action="store_true",
+                        help="measure instead the loader without and with a keep-list (data.keep) of every sample "
+                             "plus --keep-ids others")
+    parser.add_argument("--keep-ids", type=int, default=10_000_000,
+                        help="--keep-bench: random ids on the list besides the shards' own (default 10^7)")
+    parser.add_argument("--keep-id", choices=("uid", "key"), default="uid",
+                        help="--keep-bench: a DataComp .npy of uids, or a text file of keys (default: uid)")
     args = parser.parse_args(argv)
     if args.decode_bench and args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     if args.decode_batch_size < 1:
         parser.error("--decode-batch-size must be >= 1")
+    if args.keep_bench and (args.decode_bench or args.keep_ids < 0):
+        parser.error("--keep-bench goes without --decode-bench, and --keep-ids must be >= 0")
     if args.images < 1 or args.repeats < 1 or args.batch_size < 1:
         parser.error("--images, --repeats and --batch-size must be >= 1")
     if any(s < IMAGE_SIZE for s in args.sizes):
@@ -556,6 +702,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     if args.decode_bench:
         return _decode_main(args, argv)
+    if args.keep_bench:
+        return _keep_main(args, argv)
     tokenizer = None if args.no_loader else build_tokenizer(TOKENIZER)
     results = {"config": {"sizes": args.sizes, "side": args.side, "images": args.images, "repeats": args.repeats,
                           "batch_size": args.batch_size, "image_size": IMAGE_SIZE, "jpeg_quality": JPEG_QUALITY,
@@ -576,6 +724,18 @@ def _decode_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
                                                                                       else argv)])},
                "environment": environment, "sizes": []}
     return _run_sizes(args, results, lambda size, cache: decode_benchmark_size(size, args, cache), format_decode_table)
+
+
+def _keep_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    tokenizer = build_tokenizer(TOKENIZER)
+    results = {"config": {"mode": "keep", "sizes": args.sizes, "side": args.side, "images": args.images,
+                          "repeats": args.repeats, "batch_size": args.batch_size, "keep_ids": args.keep_ids,
+                          "keep_id": args.keep_id, "image_size": IMAGE_SIZE, "jpeg_quality": JPEG_QUALITY,
+                          "command": " ".join(["python", "tools/benchmark_data.py", *(sys.argv[1:] if argv is None
+                                                                                      else argv)])},
+               "environment": _environment(), "sizes": []}
+    return _run_sizes(args, results, lambda size, cache: keep_benchmark_size(size, args, cache, tokenizer),
+                      format_keep_table)
 
 
 def _run_sizes(args: argparse.Namespace, results: dict, measure: Callable[[int, Path], dict],

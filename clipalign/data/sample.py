@@ -3,10 +3,12 @@
 A raw sample is what webdataset reads from a shard: `{"__key__": ..., "jpg": b"...", "txt": b"...", "json": b"..."}`
 with bytes values. Its captions come from `.txt`, else from the `.json` `"captions"` list, else from its
 `"caption"` (`sample_captions`); training draws one of several with the sample's own rng (`caption_of`), and
-make_shards reads sidecar files by the same rule. Retrieval evaluation scores every caption (`every_caption`: the
-`.txt` and a JSON list together), and the tokenizer trainer takes a JSON list whole before the `.txt`. Everything that
-reads or writes samples (the training stream, make_shards, inspect_shards, evaluation, the tokenizer trainer) takes
-these rules, the skip reasons and the class-name and template files from here.
+make_shards reads sidecar files by the same rule. With caption sources (`data.captions`: `txt` or `json.FIELD`, each
+with a weight) training draws instead one source among those the sample has, then one entry of it if it is a list
+(`caption_sources`, `draw_caption`). Retrieval evaluation scores every caption (`every_caption`: the `.txt` and a
+JSON list together, whatever `data.captions` says), and the tokenizer trainer takes a JSON list whole before the
+`.txt`. Everything that reads or writes samples (the training stream, make_shards, inspect_shards, evaluation, the
+tokenizer trainer) takes these rules, the skip reasons and the class-name and template files from here.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from clipalign.config import CAPTION_JSON_PREFIX, CAPTION_TXT
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what a shard sample's image may be stored as
 INPUT_EXTENSIONS = (*IMAGE_EXTENSIONS, "bmp", "gif", "tif", "tiff")  # what make_shards reads (and re-encodes)
@@ -104,11 +108,18 @@ def sample_captions(sample: dict[str, Any]) -> list[str]:
     return _captions(sample)[0]
 
 
-def caption_of(sample: dict[str, Any], rng: random.Random) -> str | None:
-    """The training caption of a raw sample: one of `sample_captions`, drawn with `rng` from a JSON list.
+def caption_of(sample: dict[str, Any], rng: random.Random,
+               sources: Mapping[str, float] | None = None) -> str | None:
+    """The training caption of a raw sample, drawn with `rng` (the sample's own, in training: see `decode_samples`).
+
+    Without `sources` (or with none): one of `sample_captions`, drawn from a JSON list. With `sources`
+    (`data.captions`, checked by `clipalign.config.check_caption_sources`): see `draw_caption`.
 
     None when it has none. Raises UnicodeDecodeError / ValueError for undecodable text or JSON.
     """
+    if sources:
+        drawn = draw_caption(sample, rng, sources)
+        return None if drawn is None else drawn[1]
     captions, listed = _captions(sample)
     if not captions:
         return None
@@ -127,10 +138,55 @@ def _captions(sample: dict[str, Any]) -> tuple[list[str], bool]:
     return (listed, True) if listed else (json_captions(meta), False)
 
 
+def caption_sources(sample: dict[str, Any], sources: Mapping[str, float]) -> list[tuple[str, float, list[str], bool]]:
+    """The caption sources of `sources` ({`txt` | `json.FIELD`: weight}) that the sample has, in their order:
+    (source, weight, its non-blank captions stripped, whether it is a list). `txt` is the `.txt` member; `json.FIELD`
+    the JSON's FIELD, a string or a list (its non-string entries left out). A source that is missing or blank is not
+    listed.
+
+    Every member a source names is read, since the draw depends on which sources are there: a `.txt` (when `txt` is
+    listed) or a `.json` (when a `json.` source is) that cannot be decoded raises, though another source would do.
+
+    Raises:
+        UnicodeDecodeError, ValueError: undecodable text or JSON named by a source.
+    """
+    meta = sample_json(sample) if any(name != CAPTION_TXT for name in sources) else {}
+    found = []
+    for name, weight in sources.items():
+        if name == CAPTION_TXT:
+            value: Any = sample["txt"].decode("utf-8") if "txt" in sample else None
+        else:
+            value = meta.get(name[len(CAPTION_JSON_PREFIX):])
+        if isinstance(value, str) and value.strip():
+            found.append((name, weight, [value.strip()], False))
+        elif isinstance(value, list):
+            captions = [c.strip() for c in value if isinstance(c, str) and c.strip()]
+            if captions:
+                found.append((name, weight, captions, True))
+    return found
+
+
+def draw_caption(sample: dict[str, Any], rng: random.Random,
+                 sources: Mapping[str, float]) -> tuple[str, str] | None:
+    """(source, caption) drawn with `rng`: one of the sources the sample has (`caption_sources`), with probability
+    its weight over the sum of their weights, then one entry of it, uniformly, if it is a list. None when it has none
+    of them (a `no_caption` in training).
+
+    Raises:
+        UnicodeDecodeError, ValueError: undecodable text or JSON named by a source.
+    """
+    found = caption_sources(sample, sources)
+    if not found:
+        return None
+    name, _, captions, listed = rng.choices(found, weights=[weight for _, weight, _, _ in found])[0]
+    return name, rng.choice(captions) if listed else captions[0]
+
+
 def every_caption(sample: dict[str, Any]) -> list[str]:
     """Every caption of a raw sample for retrieval: the `.txt` and the JSON `captions` list, or else the JSON
     `caption` (img2dataset writes the same caption to `.txt` and `.json`; it is counted once). Repeats in a list are
-    kept, as clip_benchmark keeps them."""
+    kept, as clip_benchmark keeps them. The training caption sources (`data.captions`) do not change it: retrieval
+    scores the evaluation set's own captions, so its numbers compare across runs with different caption mixes."""
     captions = []
     if "txt" in sample:
         captions.append(sample["txt"].decode("utf-8").strip())

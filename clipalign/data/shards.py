@@ -36,6 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from clipalign.config import check_caption_sources
+from clipalign.data.curation import SampleFilter, filter_samples
 from clipalign.data.device_decode import DeviceJpeg, pack_batch, prepare_image
 from clipalign.data.sample import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported: its former home
 from clipalign.data.sample import caption_of, image_bytes
@@ -49,13 +51,14 @@ if TYPE_CHECKING:  # data and tokenizer sit side by side over config: the type a
 _MIX = 1
 
 
-def expand_sources(spec: str) -> list[list[str]]:
+def expand_sources(spec: str, key: str = "data.train") -> list[list[str]]:
     """Expand a shard spec into one URL list per source: brace patterns, sources joined by `::`.
 
-    Local paths must exist; `pipe:` and URL sources (`s3://`, `https://`, ...) are passed through unchecked.
+    Local paths must exist; `pipe:` and URL sources (`s3://`, `https://`, ...) are passed through unchecked. `key`
+    names the spec in the errors (`data.train`, `data.val`).
     """
     if not spec or not spec.strip():
-        raise ValueError("data.train is empty: give a shard pattern such as /data/cc3m/{00000..00331}.tar")
+        raise ValueError(f"{key} is empty: give a shard pattern such as /data/cc3m/{{00000..00331}}.tar")
     sources = []
     for source in spec.split("::"):
         source = source.strip()
@@ -63,7 +66,7 @@ def expand_sources(spec: str) -> list[list[str]]:
         missing = [u for u in expanded if _is_local(u) and not os.path.isfile(_local_path(u))]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise FileNotFoundError(f"data.train source {source!r}: {len(missing)} of {len(expanded)} shards "
+            raise FileNotFoundError(f"{key} source {source!r}: {len(missing)} of {len(expanded)} shards "
                                     f"do not exist: {shown}")
         sources.append(expanded)
     return sources
@@ -272,6 +275,10 @@ class StreamGuard(SkipCounter):
         self.stream = stream
         self.max_failures, self.batch_timeout, self.heartbeat_every = max_failures, batch_timeout, heartbeat_every
         self.total: Counter[str] = Counter()  # skipped by this worker since it started
+        # filtered out by the curation settings (data.keep, ...; `clipalign.data.curation`): since the last item, and
+        # since the worker started
+        self.filtered: Counter[str] = Counter()
+        self.filtered_total: Counter[str] = Counter()
         self.failures = [Counter() for _ in sources]  # per source: url -> failed reads since it last gave a sample
         self.bad_shards: list[set[str]] = [set() for _ in sources]
         self.last_error = ""
@@ -286,6 +293,16 @@ class StreamGuard(SkipCounter):
     def count(self, reason: str) -> None:
         self.pending[reason] += 1
         self.total[reason] += 1
+
+    def filter(self, reason: str) -> None:
+        """A sample the curation settings filtered out (`clipalign.data.curation.FILTER_REASONS`)."""
+        self.filtered[reason] += 1
+        self.filtered_total[reason] += 1
+        self.tick()
+
+    def take_filtered(self) -> dict[str, int]:
+        out, self.filtered = dict(self.filtered), Counter()
+        return out
 
     def bad_member(self, message: str) -> None:
         """A member left out of its sample (`read_shard`): counted as `unreadable_tar`, the shard read on. No `tick`
@@ -324,9 +341,12 @@ class StreamGuard(SkipCounter):
     def tick(self) -> None:
         if self.batch_timeout and time.monotonic() - self.waiting_since > self.batch_timeout:
             last = f"; last error: {self.last_error}" if self.last_error else ""
+            filtered = (f"; filtered out by data.keep/keep_probability/min_score: {_counts(self.filtered_total)}"
+                        if self.filtered_total else "")
             raise DataSourceError(
                 f"data stream {self.stream} brought no batch in {self.batch_timeout:g} s (data.batch_timeout): "
-                f"skipped so far by this worker: {_counts(self.total)}{last}; sources: {'; '.join(self.names)}. "
+                f"skipped so far by this worker: {_counts(self.total)}{filtered}{last}; sources: "
+                f"{'; '.join(self.names)}. "
                 f"Raise data.batch_timeout if batches are this slow to come (0 = wait forever)")
 
     def progress(self) -> None:
@@ -346,17 +366,20 @@ class StreamGuard(SkipCounter):
             self.waiting_since += now - paused_at
 
     def heartbeat(self) -> dict[str, Any]:
-        return {"heartbeat": True, "stream": self.stream, "skipped": self.take(), "last_error": self.last_error}
+        return {"heartbeat": True, "stream": self.stream, "skipped": self.take(), "filtered": self.take_filtered(),
+                "last_error": self.last_error}
 
 
 def decode_samples(samples: Iterable[dict | None], transform: Callable, image_size: int, counter: SkipCounter,
                    sample_seed: Callable[[str], int], image_fn: Callable[[bytes], Any] | None = None,
                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                   ticks: bool = False) -> Iterator[tuple[str, Any, str] | None]:
+                   ticks: bool = False,
+                   captions: dict[str, float] | None = None) -> Iterator[tuple[str, Any, str] | None]:
     """Raw tar samples -> (key, uint8 image, caption); a sample that cannot be used is skipped and counted.
 
     `sample_seed(key)` seeds the sample's random choices (which caption of several, the random crop), so they depend
-    on the sample and the pass, not on which worker met it when: a resumed run draws the same ones. `image_fn(data)`,
+    on the sample and the pass, not on which worker met it when: a resumed run draws the same ones. `captions`: the
+    caption sources and weights (`data.captions`, see `caption_of`); None: the default caption rule. `image_fn(data)`,
     if given, replaces `transform(decode_image(data, image_size, max_pixels))` and runs under the same seeded RNG.
     An image over `max_pixels` (0: no limit) counts as `bad_image`, refused from its header.
 
@@ -374,7 +397,7 @@ def decode_samples(samples: Iterable[dict | None], transform: Callable, image_si
             return "no_image"
         seed = sample_seed(sample["__key__"])
         try:
-            caption = caption_of(sample, random.Random(seed))
+            caption = caption_of(sample, random.Random(seed), captions)
         except (UnicodeDecodeError, ValueError):
             return "bad_text"
         if caption is None:
@@ -462,6 +485,11 @@ class ShardStream(IterableDataset):
     them). A source that keeps failing or a stream that brings no batch stops with a `DataSourceError`
     (`StreamGuard`).
 
+    With a `sample_filter` (the curation settings, `clipalign.data.curation.SampleFilter`), each raw sample is judged
+    right after the cursor counted it and before anything is decoded, with the sample's own seed; one that is
+    filtered out is counted in `filtered` (batches and heartbeats, by reason), apart from `skipped`. Positions stay
+    in raw samples, so an exact resume filters the same samples.
+
     Args:
         sources: expanded shard URLs, one list per source (see `expand_sources`).
         tokenizer: callable mapping a list of captions to a (B, context_length) tensor.
@@ -485,6 +513,11 @@ class ShardStream(IterableDataset):
             (`data.batch_timeout`).
         heartbeats: yield heartbeat items (see above); `make_train_loader` asks for them.
         heartbeat_every: seconds between heartbeats; None: a quarter of `batch_timeout`, at most 60.
+        captions: caption sources and weights (`data.captions`: {`txt` | `json.FIELD`: weight}); each sample draws
+            one of those it has with its own seed (`clipalign.data.sample.draw_caption`). None or {}: the default
+            caption rule.
+        sample_filter: the curation settings (`SampleFilter.from_config`: data.keep, keep_probability, min_score);
+            None: every sample goes on to decoding.
     """
 
     def __init__(self, sources: list[list[str]], tokenizer: Tokenizer, image_size: int, batch_size: int,
@@ -492,8 +525,12 @@ class ShardStream(IterableDataset):
                  crop_scale: float = 0.9, start: dict[int, tuple[int, int]] | None = None, decode: str = "workers",
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, preprocess_cfg: dict[str, Any] | None = None,
                  max_source_failures: int = 10, batch_timeout: float = 600.0, heartbeats: bool = False,
-                 heartbeat_every: float | None = None):
+                 heartbeat_every: float | None = None, captions: dict[str, float] | None = None,
+                 sample_filter: SampleFilter | None = None):
         super().__init__()
+        self.sample_filter = sample_filter
+        # the sources' names and weights, checked as data.captions is (ValueError naming the bad entry)
+        self.caption_sources = check_caption_sources(captions) if captions else None
         if sources and isinstance(sources[0], str):
             sources = [list(sources)]  # a flat list of URLs is one source
         self.sources = [list(s) for s in sources]
@@ -583,6 +620,9 @@ class ShardStream(IterableDataset):
         def sample_seed(key: str) -> int:
             return wds.utils.make_seed(self.seed, cursor.epoch, zlib.crc32(key.encode()))
 
+        if self.sample_filter is not None:  # curation: each sample the cursor counted, judged before decoding
+            samples = filter_samples(samples, self.sample_filter, guard.filter, sample_seed)
+
         image_fn = None
         if self.decode == "device":
             def image_fn(data: bytes) -> torch.Tensor | DeviceJpeg:
@@ -591,7 +631,7 @@ class ShardStream(IterableDataset):
 
         keys, images, captions = [], [], []
         for item in decode_samples(samples, self.transform, self.image_size, guard, sample_seed, image_fn,
-                                   self.max_image_pixels, ticks=self.heartbeats):
+                                   self.max_image_pixels, ticks=self.heartbeats, captions=self.caption_sources):
             guard.tick()
             if item is None:  # a skipped or replayed sample: time for a heartbeat?
                 if guard.heartbeat_due():
@@ -608,16 +648,17 @@ class ShardStream(IterableDataset):
                           else {"images": torch.stack(images)})
                 paused_at = time.monotonic()
                 yield {**pixels, "texts": self.tokenizer(captions), "keys": keys, "skipped": guard.take(),
-                       "position": (stream, cursor.epoch, cursor.emitted)}
+                       "filtered": guard.take_filtered(), "position": (stream, cursor.epoch, cursor.emitted)}
                 guard.resumed(paused_at, batch=True)
                 keys, images, captions = [], [], []
 
 
 class TrainLoader(DataLoader):
     """The DataLoader of `make_train_loader`: it yields the stream's batches only. Heartbeats are absorbed (their
-    skip counts are added to the next batch's `skipped`, and reported by a `DataStallWarning` while batches do not
-    come), and the errors that stop the stream come out as one `DataSourceError` with a plain message: a worker's
-    (without the worker's traceback around it), or the DataLoader's own timeout (a worker blocked in a read)."""
+    skip and filter counts are added to the next batch's `skipped` and `filtered`, and reported by a
+    `DataStallWarning` while batches do not come), and the errors that stop the stream come out as one
+    `DataSourceError` with a plain message: a worker's (without the worker's traceback around it), or the
+    DataLoader's own timeout (a worker blocked in a read)."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return _Batches(super().__iter__(), self.dataset, self.timeout)
@@ -628,6 +669,7 @@ class _Batches:
         self.batches, self.stream, self.timeout = batches, stream, timeout
         self.skipped: Counter[str] = Counter()  # everything the workers reported, for the error messages
         self.pending: Counter[str] = Counter()  # reported by heartbeats, not yet handed on with a batch
+        self.pending_filtered: Counter[str] = Counter()  # the same for the samples filtered out (data.keep, ...)
         self.last_batch = self.last_warning = time.monotonic()
 
     def __iter__(self) -> _Batches:
@@ -640,16 +682,23 @@ class _Batches:
             if not item.get("heartbeat"):
                 break
             self.pending.update(item["skipped"])
+            self.pending_filtered.update(item.get("filtered", {}))
             now = time.monotonic()
             waited = now - self.last_batch
-            if self.pending and min(waited, now - self.last_warning) >= self.stream.heartbeat_every:
+            if (self.pending or self.pending_filtered) and \
+                    min(waited, now - self.last_warning) >= self.stream.heartbeat_every:
                 self.last_warning = now
                 last = f"; last error: {item['last_error']}" if item["last_error"] else ""
-                warnings.warn(f"no batch for {waited:.0f} s: the data workers skipped {_counts(self.pending)} "
-                              f"meanwhile (stream {item['stream']}{last})", DataStallWarning, stacklevel=2)
+                filtered = (f" and filtered out {_counts(self.pending_filtered)} (data.keep, keep_probability, "
+                            f"min_score)" if self.pending_filtered else "")
+                warnings.warn(f"no batch for {waited:.0f} s: the data workers skipped {_counts(self.pending)}"
+                              f"{filtered} meanwhile (stream {item['stream']}{last})", DataStallWarning, stacklevel=2)
         if self.pending:
             item["skipped"] = dict(Counter(item["skipped"]) + self.pending)
             self.pending = Counter()
+        if self.pending_filtered:
+            item["filtered"] = dict(Counter(item.get("filtered", {})) + self.pending_filtered)
+            self.pending_filtered = Counter()
         self.last_batch = time.monotonic()
         return item
 
