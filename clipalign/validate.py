@@ -37,14 +37,14 @@ import torch
 from torch import nn
 
 from clipalign.config import ConfigError
-from clipalign.data.sample import caption_of, image_bytes
+from clipalign.data.sample import STREAM_SKIP_REASONS, caption_of, image_bytes
 from clipalign.data.shards import expand_sources, shard_samples
 from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from clipalign.evaluate import retrieval_metrics
 from clipalign.model import trim_padding
 
-# why a sample of data.val is not validated, counted in the result's `skipped` (training's reasons, by name)
-VAL_SKIP_REASONS = ("no_image", "no_caption", "bad_text", "bad_image", "unreadable_tar")
+# why a sample of data.val is not validated, counted in the result's `skipped`: training's reasons, from the one list
+VAL_SKIP_REASONS = STREAM_SKIP_REASONS
 
 
 def _candidates(urls: Sequence[str], captions: Mapping[str, float] | None,
