@@ -42,6 +42,10 @@ def main() -> None:
     if accelerator.is_main_process:
         with open(args.out, "w") as f:
             json.dump({"processes": accelerator.num_processes, **results}, f)
+    # both processes leave together and drop the sharded model before the group goes: a gloo process that exits
+    # while its peer still holds the group can abort ("terminate called without an active exception")
+    del model
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
