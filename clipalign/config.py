@@ -99,8 +99,13 @@ class DataConfig:
                                  "order)")
     train_crop_scale: float = _key(0.9, "RandomResizedCrop lower scale bound (open_clip's); 1.0 = resize + crop",
                                    "(0, 1]")
-    decode: str = _key("auto", "where JPEGs are decoded: workers (PIL) | device (training device) | auto (device on "
-                               "CUDA)")
+    decode: str = _key("auto", "where JPEGs are decoded: workers (PIL) | device (the training device; unmeasured on "
+                               "GPUs) | auto (the workers until the device path has passed the GPU check)")
+    decode_backend: str = _key("auto", "data.decode=device: auto (torchcodec where it is installed, else "
+                                       "torchvision) | torchcodec | torchvision")
+    decode_budget_mb: float = _key(1024.0, "data.decode=device: decoded full-resolution pixels of one batch on the "
+                                           "device at most (MiB of RGB); the largest JPEGs past it decode in the "
+                                           "workers", "> 0")
     max_image_pixels: int = _key(89_478_485, "images with more pixels are skipped as bad_image before decoding; 0 = no "
                                              "limit", ">= 0")
     max_source_failures: int = _key(10, "failed shard reads of one `::` source in a row (no sample between) that stop "
@@ -249,6 +254,7 @@ TILED_KERNELS = ("auto", "torch", "triton")
 SIGMOID_EXCHANGES = ("ring", "gather")
 # data.decode: where training JPEGs are decoded (clipalign.data.device_decode)
 DECODE_CHOICES = ("auto", "workers", "device")
+DECODE_BACKENDS = ("auto", "torchcodec", "torchvision")
 # train.attention: "auto", PyTorch's own choice, or one scaled_dot_product_attention backend (clipalign.model)
 ATTENTION_CHOICES = ("auto", "torch", "math", "flash", "efficient", "cudnn")
 # train.sharding: DDP (whole model per process) or FSDP2 (clipalign.sharding)
@@ -294,6 +300,7 @@ _CHOICES = {
     ("train", "patch_embed"): ("auto", "conv", "matmul"),
     ("eval", "precision"): ("fp32", "bf16", "fp16"),
     ("data", "decode"): DECODE_CHOICES,
+    ("data", "decode_backend"): DECODE_BACKENDS,
     ("data", "keep_id"): ("uid", "key"),  # clipalign.data.curation.KEEP_ID_CHOICES
 }
 

@@ -259,7 +259,7 @@ def test_the_device_path_resizes_jpegs_with_the_models_interpolation(tmp_path, t
     urls = [str(u) for u in write_shards([{"__key__": "p", "jpg": data, "txt": "p"}], tmp_path)]
     pp = {"interpolation": interpolation, "resize_mode": "squash"}
     batch = _one_pass(urls, tokenizer, 1, decode="device", preprocess_cfg=pp)
-    assert batch["decode_mask"].tolist() == [True]  # left for the device, with its interpolation
+    assert batch["jpeg_rows"].tolist() == [0]  # left for the device, with its interpolation
     on_device = device_images(batch, "cpu")[0][0].double()
     workers = _one_pass(urls, tokenizer, 1, decode="workers", preprocess_cfg=pp)["images"][0].double()
     other = {**pp, "interpolation": "bilinear" if interpolation == "bicubic" else "bicubic"}

@@ -28,9 +28,9 @@ de-normalised back to uint8, per image, averaged over images; identical pairs (n
 (RandomResizedCrop to 224 px, scale 0.9..1, each image seeded by its index as training seeds samples):
 
     workers     the DataLoader workers' path: `decode_image` (PIL, draft) + `train_transform`, one image at a time
-    device      `device_images` on `--device` (cpu | cuda) over batches of `--decode-batch-size` packed as the
-                workers pack them: batched `torchvision.io.decode_jpeg`, then crop + bicubic antialiased resize to
-                uint8; on CUDA the clock stops after a synchronize
+    device      a `DeviceDecoder` on `--device` (cpu | cuda) over batches of `--decode-batch-size` packed as the
+                workers pack them: one batched decode (torchcodec's or torchvision's), then crop + bicubic
+                antialiased resize of the whole batch to uint8; on CUDA the clock stops after a synchronize
     prepare     what the workers still do per image in device mode (header, draft size, crop box, packing)
 
     python tools/benchmark_data.py --decode-bench --device cuda --sizes 512 --images 2048 --json out.json
@@ -565,7 +565,7 @@ def measure_decode(jpegs: list[bytes], device: torch.device, batch_size: int, re
         "throughput": {name: {"median": statistics.median(v), "runs": v} for name, v in runs.items()},
         "ratio": statistics.median(d / w for d, w in zip(runs["device"], runs["workers"])),
         "quality": image_agreement(zip(cpu, dev)),
-        "device_rows": int(sum(int(b["decode_mask"].sum()) for b in batches)),
+        "device_rows": int(sum(len(b["jpeg_rows"]) for b in batches)),
     }
 
 

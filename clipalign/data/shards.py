@@ -38,7 +38,7 @@ from webdataset.tariterators import base_plus_ext
 
 from clipalign.config import check_caption_sources
 from clipalign.data.curation import SampleFilter, filter_samples
-from clipalign.data.device_decode import DeviceJpeg, pack_batch, prepare_image
+from clipalign.data.device_decode import DEFAULT_DECODE_BUDGET_MB, DeviceJpeg, budget_pixels, pack_batch, prepare_image
 from clipalign.data.sample import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported: its former home
 from clipalign.data.sample import caption_of, image_bytes
 from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, decode_image, geometry, train_transform
@@ -501,8 +501,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples kept in each worker's shuffle buffer.
         crop_scale: lower scale bound of the random resized crop.
         start: exact passes only: {stream: (epoch, emitted)} to resume from.
-        decode: `workers` (PIL in the workers) or `device`: JPEGs travel as bytes with their crop boxes, for
-            `device_images` in the training process (other images are still decoded in the workers).
+        decode: `workers` (PIL in the workers) or `device`: JPEGs travel as bytes with their crop boxes, for a
+            `DeviceDecoder` in the training process (other images are still decoded in the workers).
+        decode_budget_mb: with `device`, the decoded size (MiB of RGB) of one batch's device rows at most; the largest
+            JPEGs past it are decoded in the workers.
         max_image_pixels: images with more pixels (header size) are skipped as `bad_image`, never decoded; 0: no
             limit (`data.max_image_pixels`).
         preprocess_cfg: the model's preprocess config (`open_clip.get_model_preprocess_cfg`): its `interpolation`
@@ -526,7 +528,7 @@ class ShardStream(IterableDataset):
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, preprocess_cfg: dict[str, Any] | None = None,
                  max_source_failures: int = 10, batch_timeout: float = 600.0, heartbeats: bool = False,
                  heartbeat_every: float | None = None, captions: dict[str, float] | None = None,
-                 sample_filter: SampleFilter | None = None):
+                 sample_filter: SampleFilter | None = None, decode_budget_mb: float = DEFAULT_DECODE_BUDGET_MB):
         super().__init__()
         self.sample_filter = sample_filter
         # the sources' names and weights, checked as data.captions is (ValueError naming the bad entry)
@@ -553,6 +555,9 @@ class ShardStream(IterableDataset):
         if decode not in ("workers", "device"):
             raise ValueError(f"decode must be workers or device (resolve data.decode=auto first), got {decode!r}")
         self.decode = decode
+        if decode_budget_mb <= 0:
+            raise ValueError(f"decode_budget_mb must be > 0, got {decode_budget_mb}")
+        self.decode_budget = budget_pixels(decode_budget_mb)
         self.crop_scale = crop_scale
         if max_image_pixels < 0:
             raise ValueError(f"max_image_pixels must be >= 0 (0: no limit), got {max_image_pixels}")
@@ -627,7 +632,7 @@ class ShardStream(IterableDataset):
         if self.decode == "device":
             def image_fn(data: bytes) -> torch.Tensor | DeviceJpeg:
                 return prepare_image(data, self.image_size, self.crop_scale, self.transform, self.max_image_pixels,
-                                     self.resize_mode)
+                                     self.resize_mode, self.decode_budget)
 
         keys, images, captions = [], [], []
         for item in decode_samples(samples, self.transform, self.image_size, guard, sample_seed, image_fn,
@@ -644,7 +649,8 @@ class ShardStream(IterableDataset):
             images.append(image)
             captions.append(caption)
             if len(keys) == self.batch_size:
-                pixels = (pack_batch(images, self.image_size, self.interpolation) if self.decode == "device"
+                pixels = (pack_batch(images, self.image_size, self.interpolation, self.decode_budget)
+                          if self.decode == "device"
                           else {"images": torch.stack(images)})
                 paused_at = time.monotonic()
                 yield {**pixels, "texts": self.tokenizer(captions), "keys": keys, "skipped": guard.take(),
