@@ -148,7 +148,8 @@ class LossConfig:
     mode: str = _key("local", "contrastive: dense | local | tiled")
     tile_size: int = _key(0, "tiled, pure-torch path: columns of the similarity matrix held at once; 0 = from a budget",
                           ">= 0")
-    tiled_kernel: str = _key("auto", "tiled: auto (fused Triton kernels on CUDA when triton imports) | torch | triton")
+    tiled_kernel: str = _key("auto", "tiled: auto (pure torch until the Triton kernels have passed the GPU check) | "
+                                     "torch | triton (the fused kernels, CUDA; unmeasured on GPUs)")
     label_smoothing: float = _key(0.0, "contrastive only: label smoothing of the cross-entropies", "[0, 1)")
     exchange: str = _key("ring", "sigmoid: how negatives of other processes arrive, ring (neighbour to neighbour) | "
                                  "gather")
@@ -196,12 +197,15 @@ class TrainConfig:
     compile: bool = _key(False, "torch.compile the towers (see compile_scope)")
     compile_scope: str = _key("blocks", "what train.compile compiles: blocks (each transformer block) | model (the "
                                         "forward)")
-    patch_embed: str = _key("auto", "image patch embedding: auto (a matmul on CUDA, else the conv) | conv | matmul")
+    patch_embed: str = _key("auto", "image patch embedding: auto (the conv until the matmul has been measured on a "
+                                    "GPU) | conv | matmul")
     channels_last: bool = _key(False, "image tower weights and inputs in channels-last memory format (conv towers, "
                                       "GPU)")
     trim_text: bool = _key(True, "cut each batch's token ids after its longest caption (causal EOT-pooled text towers)")
     attention: str = _key("auto", "attention kernels: auto | torch | math | flash | efficient | cudnn (see "
                                   "training.md)")
+    sync_debug: bool = _key(False, "CUDA: warn, naming the line, at each host-device synchronisation inside a "
+                                   "training step from the second on (log steps excepted): what stalls the GPU")
 
 
 @dataclass

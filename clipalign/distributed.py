@@ -63,8 +63,21 @@ def is_distributed() -> bool:
     return get_world_size() > 1
 
 
+# local shapes already checked against every process's: the check reads its result on the host, which on a GPU waits
+# for all queued work, so it runs once per shape rather than on every exchange of every step
+_checked_shapes: set[tuple[int, tuple[int, ...]]] = set()
+
+
 def _check_same_shape(x: torch.Tensor, world_size: int, user: str = "all_gather_with_grad") -> None:
-    """Raise on every rank alike when local batch sizes (or row shapes) differ, where an exchange would hang or fail."""
+    """Raise on every rank alike when local batch sizes (or row shapes) differ, where an exchange would hang or fail.
+
+    Each local shape is checked once: a training run exchanges features of one shape on every step. Every process
+    meets a new shape at the same call (processes exchange equal batches, or the first check fails on all of them),
+    so all of them take part in the check together.
+    """
+    key = (world_size, tuple(x.shape))
+    if key in _checked_shapes:
+        return
     local = torch.tensor([x.shape[0], math.prod(x.shape[1:]), x.dim()], dtype=torch.int64, device=x.device)
     shapes = torch.empty(world_size * 3, dtype=torch.int64, device=x.device)
     _all_gather_single(shapes, local)
@@ -77,6 +90,7 @@ def _check_same_shape(x: torch.Tensor, world_size: int, user: str = "all_gather_
     if len(set(row_numels)) > 1 or len(set(dims)) > 1:
         raise ValueError(f"{user} needs the same row shape on every process; rank {get_rank()} has "
                          f"{tuple(x.shape[1:])}, elements per row by rank: {row_numels}")
+    _checked_shapes.add(key)
 
 
 def _uses_nccl(device: torch.device) -> bool:

@@ -51,9 +51,9 @@ class ContrastiveLoss(nn.Module):
         gather: False scores the local batch alone (world-size-1 semantics, no collectives), e.g. for a reference.
         tile_size: tiled, pure-torch path: columns of the similarity matrix held at once; 0 sizes them from a
             memory budget (`auto_tile_size`).
-        tiled_kernel: tiled only. "auto": the fused Triton kernels when the features are on CUDA and triton imports,
-            else pure torch; "torch": always pure torch; "triton": always the kernels (an error where they cannot
-            run; on CPU only under TRITON_INTERPRET=1).
+        tiled_kernel: tiled only. "auto": pure torch (the fused Triton kernels have not yet run on a GPU; auto will
+            choose them on CUDA once they have passed the GPU check there); "torch": always pure torch; "triton":
+            always the kernels (an error where they cannot run; on CPU only under TRITON_INTERPRET=1).
     """
 
     def __init__(self, mode: str = "local", label_smoothing: float = 0.0, gather: bool = True, tile_size: int = 0,
@@ -173,8 +173,10 @@ def _tiled_contrastive_loss(
 
 def _use_fused_kernels(kernel: str, x: torch.Tensor, dtype: torch.dtype, num_cols: int | None = None) -> bool:
     """Whether the tiled loss runs clipalign.fused_infonce's Triton kernels (see ContrastiveLoss's `tiled_kernel`)."""
-    if kernel == "torch" or (kernel == "auto" and not x.is_cuda):
-        return False  # CPU users never import triton on the auto path
+    if kernel in ("torch", "auto"):
+        # auto: pure torch until the kernels have passed the GPU check (tools/gpu_check.py) on a real GPU; CPU users
+        # never import triton on this path
+        return False
     from clipalign import fused_infonce
 
     num_cols = x.shape[0] if num_cols is None else num_cols

@@ -40,7 +40,7 @@ from clipalign.checkpoint import (
 )
 from clipalign.config import Config, ConfigError, describe_keys, load_config, read_config, shareable_config
 from clipalign.data.curation import FILTER_REASON_NAMES, SampleFilter
-from clipalign.data.device_decode import device_images, resolve_decode
+from clipalign.data.device_decode import DeviceDecoder, resolve_decode
 from clipalign.data.sample import STREAM_SKIP_REASONS as SKIP_REASONS  # one list, in clipalign.data.sample
 from clipalign.data.shards import DataSourceError, expand_sources, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
@@ -314,7 +314,8 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 class NonfiniteGuard:
-    """Skips the update of every step whose loss is not finite on some process, without the host waiting for it.
+    """Skips the update of every step whose loss or gradients are not finite on some process, without the host
+    waiting for it.
 
     The fused AdamW takes the verdict as a device tensor (`found_inf`, the way GradScaler hands it over) and leaves
     weights, moments and its step count as they were when it is set, so nothing has to come back to the host before
@@ -333,8 +334,31 @@ class NonfiniteGuard:
         self.total = self.run = 0
         self.pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []  # (step, verdict, copy done)
 
+    @staticmethod
+    def local_verdict(loss: torch.Tensor, model: torch.nn.Module, grads: bool = True) -> torch.Tensor:
+        """1.0 if this process's loss (and, with `grads`, its part of every gradient) is finite, else 0.0: a float
+        tensor on the loss's device, computed there. A finite loss can still come with gradients that overflowed
+        (a bf16 backward, a division in the loss's gradient); under fp16 the loss scaler judges the gradients itself,
+        so pass `grads=False` there."""
+        finite = torch.isfinite(loss.detach()).float().reshape(())
+        if not grads:
+            return finite
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in model.parameters():
+            if p.grad is not None:
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a sharded model: our shard
+                by_device.setdefault(grad.device, []).append(grad)
+        one = torch.ones((), device=loss.device)
+        for device, grads_here in by_device.items():
+            # the loss scaler's own check: one fused pass over all gradients, a device flag, no host wait
+            found = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads_here, found, torch.ones(1, device=device))
+            finite = finite * (one - found.to(loss.device).reshape(()))
+        return finite
+
     def arm(self, finite_count: torch.Tensor, step: int) -> bool:
-        """Take the number of processes whose loss is finite (a device scalar); returns whether to call `step()`."""
+        """Take the number of processes whose loss and gradients are finite (a device scalar, the sum of their
+        `local_verdict`s); returns whether to call `step()`."""
         finite = finite_count >= self.world  # () bool
         if not self.on_device:
             self._record(step, bool(finite))
@@ -377,14 +401,17 @@ class NonfiniteGuard:
 class MetricsWindow:
     """The steps since the last metrics line: their time, data wait and skipped samples, and the totals so far.
 
-    The loop adds to `steps`, `wait` (seconds spent waiting for batches), `skipped` and `filtered` (counts by reason,
+    The loop adds to `steps`, `wait` (seconds spent waiting for batches), `decode` (seconds spent decoding JPEGs in
+    this process, `data.decode=device`), `skipped` and `filtered` (counts by reason,
     on the host); `line` sums the skip and filter counts over processes, returns the metrics record and starts the
     next window. The FLOPs of one optimizer step are counted once, on the first step (`counting_flops`), for the
     achieved TFLOP/s and the MFU estimate.
     """
 
-    def __init__(self, accelerator: Accelerator, global_batch: int, peak_tflops: float, num_samples: int = 0):
+    def __init__(self, accelerator: Accelerator, global_batch: int, peak_tflops: float, num_samples: int = 0,
+                 decoder: DeviceDecoder | None = None):
         self.accelerator, self.global_batch, self.peak_tflops = accelerator, global_batch, peak_tflops
+        self.decoder = decoder  # data.decode=device: its stream's time is logged beside the host's
         self.num_samples = num_samples  # samples in one pass over the data, for the epoch; 0 = unknown
         self.step_flops: int | None = None  # FLOPs of one optimizer step over all processes
         self.skipped_total: Counter[str] = Counter()
@@ -392,7 +419,7 @@ class MetricsWindow:
         self._restart()
 
     def _restart(self) -> None:
-        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+        self.start, self.steps, self.wait, self.decode = time.perf_counter(), 0, 0.0, 0.0
         self.skipped: Counter[str] = Counter()
         self.filtered: Counter[str] = Counter()
 
@@ -436,6 +463,7 @@ class MetricsWindow:
             "lr": lr,
             "samples_per_s": round(self.global_batch * self.steps / elapsed, 2),
             "data_wait": round(self.wait / elapsed, 4),
+            "decode": round(self.decode / elapsed, 4),
             "tflops": round(tflops, 4),
             "nonfinite_steps": nonfinite_steps,
             "skipped": dict(self.skipped_total),
@@ -443,6 +471,8 @@ class MetricsWindow:
         }
         if model.clip.logit_bias is not None:
             record["logit_bias"] = round(model.clip.logit_bias.item(), 4)
+        if self.decoder is not None and self.decoder.stream is not None:  # the decode stream's own busy time
+            record["decode_gpu"] = round(self.decoder.take_gpu_seconds() / elapsed, 4)
         if self.peak_tflops:
             record["mfu"] = round(tflops / (self.peak_tflops * accelerator.num_processes), 4)
         self._restart()
@@ -515,6 +545,10 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     sample_filter = SampleFilter.from_config(cfg.data)
     if sample_filter is not None:
         accelerator.print(f"curating at load time: {sample_filter.describe()}")
+    # batches to the device; data.decode=device: its decoder library is looked for now, not at the first batch
+    decode = resolve_decode(cfg.data.decode, accelerator.device)
+    to_device = DeviceDecoder(accelerator.device, cfg.data.decode_backend if decode == "device" else None,
+                              budget_bytes=int(cfg.data.decode_budget_mb * 2**20))
 
     # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
     model = create_model(cfg.model, cfg.loss.kind)
@@ -523,7 +557,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     if cfg.train.channels_last:
         model.clip.visual.to(memory_format=torch.channels_last)
-    if cfg.train.patch_embed == "matmul" or (cfg.train.patch_embed == "auto" and accelerator.device.type == "cuda"):
+    if cfg.train.patch_embed == "matmul":  # auto: the convolution until the matmul has been measured on a GPU
         use_matmul_patch_embed(model)
     if cfg.train.compile:
         # in place: the modules keep their parameter names, so checkpoints and exports are unchanged
@@ -600,7 +634,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     loader = make_train_loader(sources, tokenizer, raw_model.image_size, cfg.data.batch_size, cfg.data.workers,
                                resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
                                crop_scale=cfg.data.train_crop_scale, pin_memory=accelerator.device.type == "cuda",
-                               decode=resolve_decode(cfg.data.decode, accelerator.device),
+                               decode=decode, decode_budget_mb=cfg.data.decode_budget_mb,
                                max_image_pixels=cfg.data.max_image_pixels,
                                # a dead source or a stalled worker stops the run with a DataSourceError naming it
                                max_source_failures=cfg.data.max_source_failures,
@@ -619,7 +653,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     metrics_path = run_dir / METRICS_FILE
     global_batch = cfg.data.batch_size * world * cfg.train.accum_steps  # samples per optimizer step
     peak_tflops = cfg.train.peak_tflops or _known_peak_tflops(accelerator.device, cfg.train.precision)
-    window = MetricsWindow(accelerator, global_batch, peak_tflops, cfg.data.num_samples)
+    window = MetricsWindow(accelerator, global_batch, peak_tflops, cfg.data.num_samples, to_device)
     nonfinite = NonfiniteGuard(optimizer, world, cfg.train.max_nonfinite, run_dir)
     last: dict = {}
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
@@ -628,16 +662,18 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     # padding after every caption's end is cut per batch where the text tower cannot see it (causal, EOT-pooled)
     trim_text = cfg.train.trim_text and raw_model.trims_text
     model.train()
+    first_step = step
     try:
         while step < cfg.train.steps:
-            t0 = time.perf_counter()
+            _sync_debug(cfg.train.sync_debug and step > first_step)  # the first step syncs (autotuning, FLOP count)
+            t0, decoding = time.perf_counter(), to_device.seconds
             micro_batches, step_keys = [], []
             for _ in range(cfg.train.accum_steps):
                 batch = next(batches)
                 texts = trim_padding(batch["texts"]) if trim_text else batch["texts"]
                 # data.decode=device: JPEG rows are decoded here; rows nothing decodes are counted like the workers'
                 # skips
-                images, decode_skipped = device_images(batch, accelerator.device, memory_format)
+                images, decode_skipped = to_device(batch, memory_format)
                 micro_batches.append((images, texts.to(accelerator.device, non_blocking=True)))
                 window.skipped.update(batch["skipped"])
                 window.skipped.update(decode_skipped)
@@ -645,7 +681,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 stream, epoch, emitted = batch["position"]
                 positions[stream] = (epoch, emitted)
                 step_keys.extend(batch["keys"])
-            window.wait += time.perf_counter() - t0
+            window.decode += to_device.seconds - decoding  # decoding is work, not waiting: its own figure
+            window.wait += time.perf_counter() - t0 - (to_device.seconds - decoding)
 
             # accumulated micro-batches are scored together: negatives come from the whole accumulated batch;
             # the first step also counts the FLOPs of a step, for the MFU estimate
@@ -655,8 +692,10 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 sync_replicated_grads(raw_model)  # the temperature (and bias): whole on every process, outside FSDP
             samples_seen += global_batch
 
-            # a non-finite loss on any process makes no update anywhere, decided on the device: no wait for the GPU here
-            update = nonfinite.arm(accelerator.reduce(torch.isfinite(loss).float(), reduction="sum"), step + 1)
+            # a non-finite loss or gradient on any process makes no update anywhere, decided on the device: no wait for
+            # the GPU here (under fp16 the loss scaler skips steps with non-finite gradients itself)
+            finite = nonfinite.local_verdict(loss, raw_model, grads=cfg.train.precision != "fp16")
+            update = nonfinite.arm(accelerator.reduce(finite, reduction="sum"), step + 1)
             if cfg.optim.grad_clip > 0:
                 if sharded:  # the norm of the whole gradient, over every shard
                     clip_grad_norm(raw_model, cfg.optim.grad_clip)
@@ -669,6 +708,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             raw_model.clamp_logit_scale()
             step += 1
             nonfinite.check(wait=False)  # the previous step's verdict, long since computed: counts, or stops the run
+            _sync_debug(False)  # logging, evaluation and checkpoints wait for the device on purpose
             if cfg.data.log_keys:
                 _append_jsonl(keys_file(run_dir, accelerator.process_index), {"step": step, "keys": step_keys})
             window.steps += 1
@@ -728,6 +768,12 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
+
+
+def _sync_debug(on: bool) -> None:
+    """Report each host-device synchronisation as a warning naming its line (`train.sync_debug`), or stop."""
+    if torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("warn" if on else 0)
 
 
 def _whole_model(cfg: Config, model, device: torch.device):

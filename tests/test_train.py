@@ -169,6 +169,32 @@ def test_compile_and_channels_last_train_the_same_model(tmp_path):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "unfused-waits"])
+def test_a_finite_loss_with_a_nonfinite_gradient_makes_no_update(fused, tmp_path):
+    from clipalign.train import NonfiniteGuard
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    guard = NonfiniteGuard(optimizer, world=1, limit=3, run_dir=tmp_path)
+    for step, bad in enumerate([False, True], start=1):
+        loss = model(torch.ones(4, 3)).square().mean()
+        loss.backward()
+        if bad:  # a gradient that overflowed while the loss stayed finite
+            model.bias.grad[1] = float("inf")
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            moments = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+        verdict = NonfiniteGuard.local_verdict(loss, model)
+        assert float(verdict) == (0.0 if bad else 1.0) and torch.isfinite(loss)
+        assert float(NonfiniteGuard.local_verdict(loss, model, grads=False)) == 1.0  # fp16: the scaler's to judge
+        if guard.arm(verdict, step):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        guard.check(wait=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(moments[k], v) for k, v in optimizer.state[model.weight].items())  # step count too
+    assert (guard.total, guard.run) == (1, 1)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "unfused-waits"])
 def test_nonfinite_guard_skips_the_update_and_stops_after_too_many_in_a_row(fused, tmp_path):
     from clipalign.train import NonfiniteGuard
 
