@@ -225,10 +225,17 @@ class EvalConfig:
                                    "down to whole global batches)", ">= 1")
 
 
+# export.format: open_clip's files alone, or with transformers' CLIPModel/CLIPProcessor files beside them
+EXPORT_FORMATS = ("open_clip", "transformers")
+
+
 @dataclass
 class ExportConfig:
     dir: str = _key("", 'export the trained encoders here at the end of training; "" = no export')
     onnx: bool = _key(False, "also write ONNX encoders")
+    format: str = _key("open_clip", "open_clip (the local-dir: files) | transformers (those plus CLIPModel and "
+                                    "CLIPProcessor files in the same directory); clipalign-export's default for "
+                                    "this run's checkpoints")
 
 
 @dataclass
@@ -306,6 +313,7 @@ _CHOICES = {
     ("data", "decode"): DECODE_CHOICES,
     ("data", "decode_backend"): DECODE_BACKENDS,
     ("data", "keep_id"): ("uid", "key"),  # clipalign.data.curation.KEEP_ID_CHOICES
+    ("export", "format"): EXPORT_FORMATS,
 }
 
 

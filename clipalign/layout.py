@@ -30,6 +30,15 @@ An export directory (`clipalign-export`; open_clip loads it as `local-dir:DIR`):
     image_encoder.onnx            IMAGE_ONNX               with --onnx: pixels (B, 3, H, W) float -> embeddings (B, D)
     text_encoder.onnx             TEXT_ONNX                with --onnx: token ids (B, L) -> embeddings (B, D)
 
+  and with --format transformers, beside them, the files of transformers' CLIPModel and CLIPProcessor (as open_clip
+  models on the Hugging Face Hub carry both; no name is shared with open_clip's):
+
+    config.json                   TRANSFORMERS_CONFIG_FILE      CLIPConfig (+ logit_bias of a sigmoid-loss model)
+    model.safetensors             TRANSFORMERS_WEIGHTS_FILE     the weights under CLIPModel's names
+    tokenizer.json                TRANSFORMERS_TOKENIZER_FILE   the fast tokenizer: open_clip's ids
+    tokenizer_config.json         TRANSFORMERS_TOKENIZER_CONFIG its special tokens and context length
+    processor_config.json         TRANSFORMERS_PROCESSOR_CONFIG CLIPProcessor with the image processor's settings
+
 Nothing here imports model code, so every module can take its names from here (model.py reads exports, export.py
 writes them); safetensors, and torch with it, is imported only by the functions that read or write weights.
 
@@ -81,6 +90,13 @@ TEXT_ENCODER_CONFIG = "text_encoder_config.json"
 MODEL_CARD_FILE = "README.md"
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
+TRANSFORMERS_CONFIG_FILE = "config.json"  # the names transformers' save_pretrained / from_pretrained use
+TRANSFORMERS_WEIGHTS_FILE = "model.safetensors"
+TRANSFORMERS_TOKENIZER_FILE = "tokenizer.json"
+TRANSFORMERS_TOKENIZER_CONFIG = "tokenizer_config.json"
+TRANSFORMERS_PROCESSOR_CONFIG = "processor_config.json"
+TRANSFORMERS_FILES = (TRANSFORMERS_CONFIG_FILE, TRANSFORMERS_WEIGHTS_FILE, TRANSFORMERS_TOKENIZER_FILE,
+                      TRANSFORMERS_TOKENIZER_CONFIG, TRANSFORMERS_PROCESSOR_CONFIG)
 _TOWER_FILES = {"image": (IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_WEIGHTS),
                 "text": (TEXT_ENCODER_CONFIG, TEXT_ENCODER_WEIGHTS)}
 
