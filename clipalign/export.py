@@ -1,10 +1,12 @@
-"""Hand a trained model to downstream users: an open_clip `local-dir:` directory, optionally with ONNX towers.
+"""Hand a trained model to downstream users: an open_clip `local-dir:` directory, optionally with ONNX towers and
+with transformers' `CLIPModel` / `CLIPProcessor` files (`clipalign.hf_export`).
 
 The directory (its files are listed and named in `clipalign.layout`) loads with
 `open_clip.create_model_and_transforms("local-dir:DIR")` or `clipalign.load(DIR)`; one tower on its own loads with
-`clipalign.load_image_encoder(DIR)` / `clipalign.load_text_encoder(DIR)`:
+`clipalign.load_image_encoder(DIR)` / `clipalign.load_text_encoder(DIR)`; with `--format transformers`, also with
+`transformers.CLIPModel.from_pretrained(DIR)` and `CLIPProcessor.from_pretrained(DIR)`:
 
-    clipalign-export --checkpoint runs/quickstart --out exports/quickstart --onnx
+    clipalign-export --checkpoint runs/quickstart --out exports/quickstart --onnx --format transformers
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import open_clip
 import torch
 from torch import nn
 
-from clipalign import __version__
+from clipalign import __version__, hf_export
 from clipalign.checkpoint import read_trainer_state, resolve_checkpoint
-from clipalign.config import read_config, redact_source
+from clipalign.config import EXPORT_FORMATS, read_config, redact_source
 from clipalign.layout import (
     EXPORT_CONFIG_FILE,
     EXPORT_WEIGHTS_FILE,
@@ -41,6 +43,7 @@ from clipalign.layout import (
     TEXT_ENCODER_WEIGHTS,
     TEXT_ONNX,
     TOKENIZER_FILE,
+    TRANSFORMERS_CONFIG_FILE,
     checkpoint_run_dir,
     is_export,
     read_export_config,
@@ -61,8 +64,9 @@ log = logging.getLogger(__name__)
 
 
 def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: str | os.PathLike,
-                 onnx: bool = False, onnx_exporter: str = "auto") -> Path:
-    """Write an open_clip-loadable export directory (and ONNX towers) for a model or checkpoint.
+                 onnx: bool = False, onnx_exporter: str = "auto", export_format: str | None = None) -> Path:
+    """Write an open_clip-loadable export directory (and ONNX towers, and transformers' files) for a model or
+    checkpoint.
 
     The directory is written under a temporary sibling name and renamed into place when complete. An existing
     `out_dir` is replaced only if it is empty or an earlier export; anything else is an error.
@@ -73,15 +77,26 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
         onnx: also export each tower to ONNX and check it against PyTorch with onnxruntime.
         onnx_exporter: "dynamo" (torch.export), "torchscript" (the legacy tracer) or "auto" (dynamo, falling back
             to torchscript if dynamo fails).
+        export_format: "open_clip" (its files only) or "transformers" (also `CLIPModel` / `CLIPProcessor` files,
+            checked against the model); None: the run's `export.format` for a checkpoint or run, "transformers" for
+            an export that has transformers' files, else "open_clip".
 
     Returns:
         The export directory.
+
+    Raises:
+        hf_export.NotExportable: "transformers" for a model that `CLIPModel` cannot hold (raised before anything is
+            written; the message says why).
     """
     if onnx_exporter not in ONNX_EXPORTERS:
         raise ValueError(f"onnx_exporter {onnx_exporter!r} is not one of {', '.join(ONNX_EXPORTERS)}")
+    if export_format is not None and export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export_format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     out = Path(out_dir)
     _check_replaceable(out)
-    model, model_cfg, provenance, source = _resolve(model_or_checkpoint)
+    model, model_cfg, provenance, source, own_format = _resolve(model_or_checkpoint)
+    # converted (and refused) before anything is written
+    transformers = hf_export.convert(model, model_cfg) if (export_format or own_format) == "transformers" else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # unlike tempfile.mkdtemp's 0700, this keeps the umask's permissions for the final directory
@@ -96,8 +111,10 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
             model.tokenizer.save_pretrained(str(tmp))  # open_clip reads HF tokenizers of a local-dir: from the dir
         _check_tokenizer(model, model_cfg, tmp)
         _write_towers(model, model_cfg, tmp)
+        transformers_info = transformers.save(tmp) if transformers else None
         onnx_info = _export_onnx(model, tmp, onnx_exporter) if onnx else None
-        (tmp / MODEL_CARD_FILE).write_text(_model_card(model, model_cfg, provenance, source, str(out), onnx_info))
+        (tmp / MODEL_CARD_FILE).write_text(_model_card(model, model_cfg, provenance, source, str(out), onnx_info,
+                                                       transformers_info))
         _umask_permissions(tmp)
         _move_into_place(tmp, out)
     except BaseException:
@@ -111,15 +128,17 @@ def _check_replaceable(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not an export directory; refusing to replace it")
 
 
-def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict, dict, str | None]:
+def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict, dict, str | None, str]:
     """The model, its open_clip config, what the model card reports of its training (from a checkpoint: the
-    trainer state, the run's data and loss, its last evaluation), and where it came from."""
+    trainer state, the run's data and loss, its last evaluation), where it came from, and its own export format
+    (the run's `export.format`; an export's, from its files)."""
     if isinstance(source, DualEncoder):
-        return source, source.open_clip_config(), {}, None
+        return source, source.open_clip_config(), {}, None, "open_clip"
     path = Path(source)
     model = load(path)
     if is_export(path):  # re-exporting an export: its config may name a model not registered here
-        return model, read_export_config(path)["model_cfg"], {}, str(path)
+        own_format = "transformers" if (path / TRANSFORMERS_CONFIG_FILE).is_file() else "open_clip"
+        return model, read_export_config(path)["model_cfg"], {}, str(path), own_format
     ckpt = resolve_checkpoint(path)
     state = read_trainer_state(ckpt)
     cfg = read_config(ckpt / RUN_CONFIG_FILE)
@@ -129,7 +148,7 @@ def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict
     provenance = {"step": state.get("step"), "samples_seen": state.get("samples_seen"), "data": data,
                   "loss": f"{cfg.loss.kind} ({cfg.loss.mode})" if cfg.loss.kind == "contrastive" else cfg.loss.kind,
                   "evaluation": _last_evaluation(checkpoint_run_dir(ckpt) / METRICS_FILE, state.get("step"))}
-    return model, model.open_clip_config(), provenance, str(ckpt)
+    return model, model.open_clip_config(), provenance, str(ckpt), cfg.export.format
 
 
 def _last_evaluation(metrics: Path, step: int | None) -> dict:
@@ -284,7 +303,7 @@ def _check_onnx(path: str | os.PathLike, tower: nn.Module, example: torch.Tensor
 
 
 def _model_card(model: DualEncoder, model_cfg: dict, provenance: dict, source: str | None, dirname: str,
-                onnx_info: dict | None) -> str:
+                onnx_info: dict | None, transformers_info: dict | None = None) -> str:
     context_length = model_cfg.get("text_cfg", {}).get("context_length", 77)
     params = sum(p.numel() for p in model.clip.parameters())
     lines = [
@@ -302,6 +321,8 @@ def _model_card(model: DualEncoder, model_cfg: dict, provenance: dict, source: s
         f"| parameters | {params / 1e6:.1f} M |",
         f"| logit scale | {model.clip.logit_scale.exp().item():.2f} |",
     ]
+    if model.clip.logit_bias is not None:
+        lines.append(f"| logit bias | {model.clip.logit_bias.item():.4f} |")
     for key, label in (("data", "training data"), ("loss", "loss"), ("step", "training steps"),
                        ("samples_seen", "samples seen")):
         if provenance.get(key) not in (None, ""):
@@ -351,6 +372,8 @@ def _model_card(model: DualEncoder, model_cfg: dict, provenance: dict, source: s
         'embeddings = text_encoder(text_encoder.tokenizer(["a photo of a cat"]))  # L2-normalised',
         "```",
     ]
+    if transformers_info:
+        lines += hf_export.card_lines(transformers_info, dirname)
     if onnx_info:
         image, text = onnx_info["image"], onnx_info["text"]
         lines += [
@@ -394,7 +417,8 @@ def _evaluation_lines(record: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`clipalign-export`: write an open_clip `local-dir:` export (and ONNX towers) of a checkpoint."""
+    """`clipalign-export`: write an open_clip `local-dir:` export (and ONNX towers, and transformers' files) of a
+    checkpoint."""
     parser = argparse.ArgumentParser(prog="clipalign-export", description=main.__doc__)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest one)")
     parser.add_argument("--out", required=True, help="export directory (replaced if it holds an earlier export)")
@@ -402,8 +426,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default="auto",
                         help="torch.onnx path: dynamo (torch.export), torchscript (legacy tracer), "
                              "auto = dynamo with a torchscript fallback")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default=None,
+                        help="open_clip: its local-dir: files; transformers: those plus CLIPModel/CLIPProcessor files "
+                             "in the same directory (default: the run's export.format, else open_clip)")
     args = parser.parse_args(argv)
-    out = export_model(args.checkpoint, args.out, onnx=args.onnx, onnx_exporter=args.onnx_exporter)
+    try:
+        out = export_model(args.checkpoint, args.out, onnx=args.onnx, onnx_exporter=args.onnx_exporter,
+                           export_format=args.format)
+    except hf_export.NotExportable as e:
+        parser.exit(2, f"clipalign-export: {e}\n")
     print(f"exported {args.checkpoint} -> {out}")
     for path in sorted(out.iterdir()):
         print(f"  {path.name:<32}{path.stat().st_size / 1e6:10.1f} MB")
