@@ -32,6 +32,7 @@ What maps to what:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -438,6 +439,7 @@ def _char_class(chars) -> str:
     return "[" + "".join(f"\\x{{{ord(c):x}}}" for c in chars) + "]"
 
 
+@functools.cache
 def _python_whitespace() -> str:
     """A regex class of the characters `str.split()` splits on (regex engines disagree on a few)."""
     return _char_class(c for c in map(chr, range(0x110000)) if c.isspace())
@@ -505,7 +507,8 @@ def _sentencepiece_backend(model: DualEncoder, ours: SentencePieceTokenizer):
     spec_model = spec["model"]
     if unigram:
         # SentencePiece never matches its unknown or control pieces in a text; a unigram `tokenizers` model matches
-        # any piece, so those get names that no normalised text contains (a space)
+        # any piece, so those get names that no normalised text contains (a space). Byte pieces keep their names,
+        # which byte fallback looks up: a caption that spells one out ("<0x41>") reads as that byte here
         spec_model["vocab"] = [[_SPM_PAD, 0.0]] + [
             [p.piece if p.type in (1, 4, 6) else f"{p.piece} unused", p.score] for p in proto.pieces]
         spec_model["unk_id"] = (spec_model["unk_id"] or 0) + 1
