@@ -39,6 +39,14 @@ An export directory (`clipalign-export`; open_clip loads it as `local-dir:DIR`):
     tokenizer_config.json         TRANSFORMERS_TOKENIZER_CONFIG its special tokens and context length
     processor_config.json         TRANSFORMERS_PROCESSOR_CONFIG CLIPProcessor with the image processor's settings
 
+An embedding directory (`clipalign-embed`), in clip-retrieval's layout, which autofaiss, numpy and pandas read: the
+arrays of part N and its metadata hold the same rows in the same order.
+
+    embed.json                    EMBED_CONFIG_FILE        what made it: model, source, modalities, dim, dtype, counts
+    img_emb/img_emb_NNNNN.npy     embedding_part()         float16 (n, D) L2-normalised image embeddings of part N
+    text_emb/text_emb_NNNNN.npy   embedding_part()         float16 (n, D) L2-normalised text embeddings of part N
+    metadata/metadata_NNNNN.parquet  metadata_part()       one row per sample: key, caption, where it came from
+
 Nothing here imports model code, so every module can take its names from here (model.py reads exports, export.py
 writes them); safetensors, and torch with it, is imported only by the functions that read or write weights.
 
@@ -99,6 +107,11 @@ TRANSFORMERS_FILES = (TRANSFORMERS_CONFIG_FILE, TRANSFORMERS_WEIGHTS_FILE, TRANS
                       TRANSFORMERS_TOKENIZER_CONFIG, TRANSFORMERS_PROCESSOR_CONFIG)
 _TOWER_FILES = {"image": (IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_WEIGHTS),
                 "text": (TEXT_ENCODER_CONFIG, TEXT_ENCODER_WEIGHTS)}
+
+# ---- embedding directory ----------------------------------------------------------------------------------------
+EMBED_CONFIG_FILE = "embed.json"
+EMBEDDING_DIRS = {"image": "img_emb", "text": "text_emb"}  # clip-retrieval's folder (and file) names
+METADATA_DIR = "metadata"
 
 
 # ---- atomic writes -----------------------------------------------------------------------------------------------
@@ -232,6 +245,20 @@ def release_run_dir(run_dir: str | os.PathLike) -> None:
     lock = _HELD.get(Path(run_dir).resolve())
     if lock is not None:
         lock.release()
+
+
+# ---- embedding directories --------------------------------------------------------------------------------------
+
+
+def embedding_part(embed_dir: str | os.PathLike, modality: str, part: int) -> Path:
+    """The array of one part's `modality` ("image" or "text") embeddings in an embedding directory."""
+    folder = EMBEDDING_DIRS[modality]
+    return Path(embed_dir) / folder / f"{folder}_{part:05d}.npy"
+
+
+def metadata_part(embed_dir: str | os.PathLike, part: int) -> Path:
+    """The parquet table of one part's samples (the rows of its arrays, in order) in an embedding directory."""
+    return Path(embed_dir) / METADATA_DIR / f"{METADATA_DIR}_{part:05d}.parquet"
 
 
 # ---- run and checkpoint directories -----------------------------------------------------------------------------
