@@ -112,6 +112,9 @@ class DataConfig:
                                         "the run with an error naming it", ">= 1")
     batch_timeout: float = _key(600.0, "seconds a data worker may go without a batch before the run stops with an "
                                        "error; 0 = wait forever", ">= 0")
+    max_unusable: int = _key(20_000, "samples in a row skipped or filtered out before a data worker stops the run "
+                                     "saying why (a whole exact pass without a usable one stops it too); 0 = no "
+                                     "bound", ">= 0")
     keep: str = _key("", "file of sample ids to keep (DataComp .npy of uids, a text file of one id per line, CSV or "
                          "parquet with a uid/key column); other samples are filtered before decoding; \"\" = all")
     keep_id: str = _key("uid", "what data.keep and a keep_probability file list: uid (the .json's uid, DataComp) | "

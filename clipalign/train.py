@@ -638,7 +638,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                                max_image_pixels=cfg.data.max_image_pixels,
                                # a dead source or a stalled worker stops the run with a DataSourceError naming it
                                max_source_failures=cfg.data.max_source_failures,
-                               batch_timeout=cfg.data.batch_timeout,
+                               batch_timeout=cfg.data.batch_timeout, max_unusable=cfg.data.max_unusable,
                                captions=cfg.data.captions,  # caption sources and weights; {} = the default rule
                                sample_filter=sample_filter,  # curation: before decoding, counted as `filtered`
                                # the model's resize (interpolation, resize mode), the one its evaluation uses

@@ -403,6 +403,7 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[dict, str]]:
     np.save(tmp_path / "nop.npy", np.zeros(3, [("uid", "u8,u8")]))
     (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
     (tmp_path / "uids.txt").write_text("ab" * 16 + "\nnot-a-uid\n")
+    (tmp_path / "keys.txt").write_text("000000000\n000000001\n")  # clipalign-make-shards' keys
     (tmp_path / "nocol.csv").write_text("id,probability\na,0.5\n")
     (tmp_path / "badp.csv").write_text("key,probability\na,0.5\nb,1.5\n")
     (tmp_path / "ids.parquet").write_bytes(b"PAR1")
@@ -412,6 +413,9 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[dict, str]]:
         "empty": ({"keep": str(tmp_path / "empty.npy")}, "holds no ids"),
         "not npy": ({"keep": str(tmp_path / "junk.npy")}, "cannot be read as a NumPy .npy file"),
         "bad uid line": ({"keep": str(tmp_path / "uids.txt")}, "entry 2, 'not-a-uid', is not a uid"),
+        "keys as uids": ({"keep": str(tmp_path / "keys.txt")}, "entry 1, '000000000', is not a uid (DataComp's 32 hex "
+                                                               "digits) as data.keep_id=uid expects; if the list holds "
+                                                               "sample keys"),
         "no column": ({"keep_probability": str(tmp_path / "nocol.csv")}, "has no 'uid' column"),
         "bad probability": ({"keep_probability": str(tmp_path / "badp.csv"), "keep_id": "key"},
                             "entry 2 has probability 1.5"),
@@ -422,7 +426,8 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[dict, str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "wrong dtype", "empty", "not npy", "bad uid line", "no column",
+@pytest.mark.parametrize("case", ["missing", "wrong dtype", "empty", "not npy", "bad uid line", "keys as uids",
+                                  "no column",
                                   "bad probability", "no probability field", "bad parquet", "bad threshold",
                                   "empty json field"])
 def test_a_bad_file_or_setting_is_one_config_error_naming_it(tmp_path, case):

@@ -7,7 +7,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from clipalign.data.shards import ShardStream, caption_of, expand_urls, make_train_loader
+from clipalign.data.shards import ShardStream, caption_of, expand_sources, expand_urls, make_train_loader
 from clipalign.tokenizer import build_tokenizer
 
 
@@ -43,6 +43,28 @@ def test_expand_urls_patterns_sources_and_missing(tmp_path):
     with pytest.raises(ValueError, match="data.train is empty"):
         expand_urls("")
     assert expand_urls("pipe:cat /nowhere.tar") == ["pipe:cat /nowhere.tar"]  # remote sources are not checked
+
+
+def test_globs_expand_sorted_and_a_directory_gets_its_pattern(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in (10, 2, 0, 1, 11, 3, 4, 5, 6, 7, 8, 9):
+        _write(shards / f"train-{i:06d}.tar", [_good(i)])
+    assert expand_urls(f"{shards}/*.tar") == [f"{shards}/train-{i:06d}.tar" for i in range(12)]
+    two = expand_sources(f"{shards}/train-00000?.tar::{shards}/train-00001[01].tar")
+    assert [len(source) for source in two] == [10, 2]
+    with pytest.raises(FileNotFoundError, match=r"the pattern '.*/nope-\*.tar' matches no file"):
+        expand_urls(f"{shards}/nope-*.tar")
+    with pytest.raises(ValueError, match=r"data.train source '.*shards' is a directory: give its shards as a "
+                                         r"pattern: .*/shards/train-\{000000..000011\}.tar \(12 shards\)"):
+        expand_urls(str(shards))
+    (shards / "extra.tar").write_bytes(b"")  # not numbered like the others: the glob instead
+    with pytest.raises(ValueError, match=r"is a directory: give its shards as a pattern: '.*/shards/\*.tar' "
+                                         r"\(13 shards, read in sorted order\)"):
+        expand_urls(f"{shards}/")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="it holds no .tar file"):
+        expand_sources(str(tmp_path / "empty"), key="data.val")
 
 
 def test_caption_sources():

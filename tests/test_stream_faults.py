@@ -9,6 +9,7 @@ whole before the cut. Runtimes are bounded by design: small failure bounds and t
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from collections import Counter
 
@@ -132,16 +133,39 @@ def test_a_bad_shard_of_a_live_source_is_counted_every_time_but_never_stops_it(t
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_stream_that_brings_no_batch_stops_with_its_counts(tmp_path, tokenizer, jpeg, workers):
-    """Every sample skipped (no caption): no batch ever comes. The counts arrive by heartbeat meanwhile (a warning)
-    and are in the error that stops the stream after data.batch_timeout."""
+@pytest.mark.parametrize("resampled", [False, True], ids=["exact", "resampled"])
+def test_a_stream_without_a_usable_sample_stops_in_seconds_saying_why(tmp_path, tokenizer, jpeg, workers,
+                                                                       resampled):
+    """Every sample skipped (no caption): an exact pass ends without one usable sample, or data.max_unusable rejected
+    samples come in a row, and the stream stops with the counts, the likely fix and the inspector to run: long
+    before the batch timeout, whose advice (raise it) would be wrong here."""
     shard = _write(tmp_path / "nocaption.tar", [{"__key__": f"n{i:03d}", "jpg": jpeg} for i in range(20)])
-    loader = _loader([[shard]], tokenizer, workers, resampled=True, batch_timeout=1.0)
-    with pytest.warns(DataStallWarning, match=r"no batch for \d+ s: the data workers skipped no_caption=\d+"):
-        message, batches = _run_until_error(loader)
+    loader = _loader([[shard]], tokenizer, workers, resampled=resampled, batch_timeout=600.0, max_unusable=100)
+    message, batches = _run_until_error(loader)
     assert batches == 0
-    assert "data stream 0 brought no batch in 1 s (data.batch_timeout)" in message
-    assert "skipped so far by this worker: no_caption=" in message and "nocaption.tar" in message
+    if resampled:
+        assert "data stream 0: 100 samples in a row were skipped or filtered out (data.max_unusable=100)" in message
+    else:  # the pass of 20 samples ends first
+        assert "data stream 0: a whole pass over its 1 shards gave no usable sample: skipped no_caption=20;" in message
+    assert "Most likely the samples carry no caption" in message and "data.batch_timeout" not in message
+    assert f"`clipalign-inspect-shards {shard}`" in message
+
+
+def test_the_batch_timeout_advice_is_given_only_while_samples_do_come(tmp_path, tokenizer, jpeg):
+    """Usable samples that come too slowly for a batch: the timeout says so and advises raising it; nothing usable
+    coming at all: the counts and the likely fix instead."""
+    shard = _write(tmp_path / "two.tar", _good("g", 2, jpeg))
+    slow = f"pipe:sleep 0.7 && cat {shard}"  # 2 samples per 0.7 s: a batch of 6 takes 2.1 s
+    message, _ = _run_until_error(_loader([[slow]], tokenizer, 0, batch_size=6, resampled=True, batch_timeout=1.0))
+    # samples come, or (on a loaded machine, before the first one) nothing comes at all: either way, slow storage
+    assert re.search(r"data stream 0 brought no batch in 1 s \(data.batch_timeout\)(, though samples were coming "
+                     r"\(\d+ since the last batch\)|: no sample came from its sources in that time)", message), message
+    assert "Raise data.batch_timeout if" in message and "Most likely" not in message
+    empty = _write(tmp_path / "nocaption.tar", [{"__key__": f"n{i:03d}", "jpg": jpeg} for i in range(3)])
+    message, _ = _run_until_error(_loader([[empty]], tokenizer, 0, resampled=True, batch_timeout=1.0,
+                                          max_unusable=0))
+    assert "brought no batch in 1 s (data.batch_timeout) and no usable sample since the last batch" in message
+    assert "Most likely the samples carry no caption" in message and "Raise data.batch_timeout" not in message
 
 
 def test_a_worker_blocked_in_a_read_stops_the_run_by_the_loader_timeout(tokenizer):

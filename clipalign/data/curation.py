@@ -188,10 +188,14 @@ def _ids_from_strings(values: Iterable[Any], kind: str, what: str, path: Path) -
     if kind == "uid":
         high, low = array("Q"), array("Q")
         for n, text in enumerate(values, 1):
-            pair = uid_pair(text.strip() if isinstance(text, str) else text)
+            text = text.strip() if isinstance(text, str) else text
+            # a list's uids are DataComp's 32 hex digits: a shorter entry (make-shards' 9-digit keys) is a key
+            pair = uid_pair(text) if isinstance(text, str) and len(text) == 32 else None
             if pair is None:
-                raise ConfigError(f"{what}: {path}: entry {n}, {str(text)[:40]!r}, is not a uid (up to 32 hex digits, "
-                                  f"as DataComp writes them); with data.keep_id=uid every id must be one")
+                raise ConfigError(f"{what}: {path}: entry {n}, {str(text)[:40]!r}, is not a uid (DataComp's 32 hex "
+                                  f"digits) as data.keep_id=uid expects; if the list holds sample keys (the "
+                                  f"__key__ of each sample, e.g. clipalign-make-shards' 000000001), set "
+                                  f"data.keep_id=key")
             high.append(pair[0])
             low.append(pair[1])
         return _sorted_uids(np.frombuffer(high, np.uint64), np.frombuffer(low, np.uint64))

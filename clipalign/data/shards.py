@@ -17,6 +17,7 @@ names the source, the last error and the counts so far (see `StreamGuard`).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import random
 import re
@@ -54,15 +55,27 @@ _MIX = 1
 def expand_sources(spec: str, key: str = "data.train") -> list[list[str]]:
     """Expand a shard spec into one URL list per source: brace patterns, sources joined by `::`.
 
-    Local paths must exist; `pipe:` and URL sources (`s3://`, `https://`, ...) are passed through unchecked. `key`
-    names the spec in the errors (`data.train`, `data.val`).
+    Local paths must exist; a local glob pattern (`dir/*.tar`, `shard-0?.tar`) expands to the files it matches,
+    sorted, as a brace pattern expands. A directory is refused with the pattern of the shards in it. `pipe:` and URL
+    sources (`s3://`, `https://`, ...) are passed through unchecked. `key` names the spec in the errors (`data.train`,
+    `data.val`).
     """
     if not spec or not spec.strip():
         raise ValueError(f"{key} is empty: give a shard pattern such as /data/cc3m/{{00000..00331}}.tar")
     sources = []
     for source in spec.split("::"):
         source = source.strip()
-        expanded = list(braceexpand.braceexpand(source))
+        expanded = []
+        for url in braceexpand.braceexpand(source):
+            if _is_local(url) and glob.has_magic(_local_path(url)):
+                matches = sorted(glob.glob(_local_path(url)))
+                if not matches:
+                    raise FileNotFoundError(f"{key} source {source!r}: the pattern {url!r} matches no file")
+                expanded += matches
+            elif _is_local(url) and os.path.isdir(_local_path(url)):
+                raise ValueError(f"{key} source {source!r} is a directory: {_directory_pattern(_local_path(url))}")
+            else:
+                expanded.append(url)
         missing = [u for u in expanded if _is_local(u) and not os.path.isfile(_local_path(u))]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -70,6 +83,20 @@ def expand_sources(spec: str, key: str = "data.train") -> list[list[str]]:
                                     f"do not exist: {shown}")
         sources.append(expanded)
     return sources
+
+
+def _directory_pattern(directory: str) -> str:
+    """What to write instead of a directory of shards: the brace pattern of its tars, or what it lacks."""
+    tars = sorted(name for name in os.listdir(directory) if name.endswith(".tar"))
+    path = directory.rstrip("/")
+    if not tars:
+        return f"it holds no .tar file; give a shard pattern such as {path}/{{00000..00099}}.tar"
+    first, last = (re.fullmatch(r"(.*?)(\d+)\.tar", name) for name in (tars[0], tars[-1]))
+    if first and last and first.group(1) == last.group(1) and len(first.group(2)) == len(last.group(2)) \
+            and len(tars) == int(last.group(2)) - int(first.group(2)) + 1:
+        return (f"give its shards as a pattern: {path}/{first.group(1)}{{{first.group(2)}..{last.group(2)}}}.tar "
+                f"({len(tars)} shards)")
+    return f"give its shards as a pattern: '{path}/*.tar' ({len(tars)} shards, read in sorted order)"
 
 
 def expand_urls(spec: str) -> list[str]:
@@ -254,6 +281,36 @@ def _counts(counts: dict[str, int]) -> str:
     return shown or "none"
 
 
+# What most often makes a stream reject every sample, by the reason that rejected most of them
+_LIKELY_FIX = {
+    "no_caption": "the samples carry no caption: no .txt and no caption/captions field in a .json (data.captions can "
+                  "name other .json fields)",
+    "no_image": "the samples carry no image member (.jpg, .jpeg, .png or .webp)",
+    "bad_image": "the images do not decode (corrupt, truncated, or over data.max_image_pixels)",
+    "bad_text": "the .txt or .json members cannot be read (not UTF-8, not JSON)",
+    "unreadable_tar": "the shards cannot be read as tar files",
+    "no_id": "no sample has the id data.keep looks up: with data.keep_id=uid each needs a .json with a DataComp uid; "
+             "a keep-list of sample keys needs data.keep_id=key",
+    "not_in_keep_list": "no sample is on the data.keep list: check data.keep_id (uid or key) and that the list was "
+                        "made for these shards",
+    "no_score": "no sample has the field data.min_score names",
+    "below_min_score": "every sample is below data.min_score",
+    "no_probability": "no sample has a keep probability (data.keep_probability)",
+    "dropped_by_probability": "data.keep_probability dropped every sample",
+}
+
+
+def unusable_stream_message(what: str, skipped: dict[str, int], filtered: dict[str, int], sources: list[str]) -> str:
+    """Why a stream yields nothing: the counts by reason, the likely fix for the commonest one, and where to look."""
+    reasons = {**skipped, **filtered}
+    top = max(reasons, key=reasons.get) if reasons else ""
+    fix = _LIKELY_FIX.get(top, "")
+    pattern = sources[0].split(" ")[0] if sources else "SHARDS"
+    return (f"{what}: skipped {_counts(skipped)}; filtered out {_counts(filtered)}."
+            f"{f' Most likely {fix}.' if fix else ''} Look at what the shards hold with "
+            f"`clipalign-inspect-shards {pattern}`; sources: {'; '.join(sources)}")
+
+
 class StreamGuard(SkipCounter):
     """One worker's skip counts, and the two bounds that stop a stream which cannot go on (`DataSourceError`).
 
@@ -263,13 +320,17 @@ class StreamGuard(SkipCounter):
     source still gave samples is a bad shard, not a dead source: it is counted (`unreadable_tar`) every time it is
     read, but no longer adds to its source's failures.
 
+    No usable sample: the stream stops, with the counts by reason and the likely fix, after `max_unusable` samples in
+    a row were skipped or filtered out (0: no bound), and at the end of a whole pass over its shards (exact passes)
+    that gave no usable sample: within seconds, not at the batch timeout.
+
     No batch: `tick()`, called for every sample read, skipped or replayed and every shard read, stops the stream when
     no batch has left it for `batch_timeout` seconds of its own running time (0: never). Time the consumer holds a
     batch (a training step, an evaluation) does not count, nor does replaying a pass up to an exact resume position.
     """
 
     def __init__(self, sources: list[list[str]], stream: int, max_failures: int = 10, batch_timeout: float = 0.0,
-                 heartbeat_every: float = 60.0):
+                 heartbeat_every: float = 60.0, max_unusable: int = 0):
         super().__init__()
         self.names = [describe_source(urls) for urls in sources]
         self.stream = stream
@@ -283,12 +344,44 @@ class StreamGuard(SkipCounter):
         self.bad_shards: list[set[str]] = [set() for _ in sources]
         self.last_error = ""
         self.waiting_since = self.last_item = time.monotonic()
+        self.max_unusable = max_unusable
+        self.usable = 0  # samples that reached a batch
+        self.seen = 0  # samples that reached a batch, were skipped or filtered out
+        self.usable_since_batch = 0
+        self.seen_at_batch = 0
+        self.unusable_in_a_row = 0
 
     # -- counts
 
     def skip(self, reason: str) -> None:
         self.count(reason)
+        self._unusable()
         self.tick()
+
+    def use(self) -> None:
+        """A sample that made it into a batch."""
+        self.usable += 1
+        self.seen += 1
+        self.usable_since_batch += 1
+        self.unusable_in_a_row = 0
+
+    def _unusable(self) -> None:
+        self.seen += 1
+        self.unusable_in_a_row += 1
+        if self.max_unusable and self.unusable_in_a_row >= self.max_unusable:
+            raise DataSourceError(unusable_stream_message(
+                f"data stream {self.stream}: {self.unusable_in_a_row} samples in a row were skipped or filtered out "
+                f"(data.max_unusable={self.max_unusable}), none usable since {self.usable} earlier ones",
+                dict(self.total), dict(self.filtered_total), self.names))
+
+    def pass_ended(self, before: tuple[int, int], shards: int) -> None:
+        """A whole pass over this stream's `shards` ended (exact passes; `before`: (usable, seen) at its start): it
+        must have given a usable sample. A pass that read no sample at all is the failing sources' bound's to judge
+        (`data.max_source_failures`), which names the shards and their errors."""
+        if self.usable == before[0] and self.seen > before[1]:
+            raise DataSourceError(unusable_stream_message(
+                f"data stream {self.stream}: a whole pass over its {shards} shards gave no usable sample",
+                dict(self.total), dict(self.filtered_total), self.names))
 
     def count(self, reason: str) -> None:
         self.pending[reason] += 1
@@ -298,6 +391,7 @@ class StreamGuard(SkipCounter):
         """A sample the curation settings filtered out (`clipalign.data.curation.FILTER_REASONS`)."""
         self.filtered[reason] += 1
         self.filtered_total[reason] += 1
+        self._unusable()
         self.tick()
 
     def take_filtered(self) -> dict[str, int]:
@@ -341,12 +435,20 @@ class StreamGuard(SkipCounter):
     def tick(self) -> None:
         if self.batch_timeout and time.monotonic() - self.waiting_since > self.batch_timeout:
             last = f"; last error: {self.last_error}" if self.last_error else ""
+            what = f"data stream {self.stream} brought no batch in {self.batch_timeout:g} s (data.batch_timeout)"
+            if self.seen == self.seen_at_batch:  # no sample at all: a read this slow, or stuck
+                raise DataSourceError(
+                    f"{what}: no sample came from its sources in that time{last}; sources: {'; '.join(self.names)}. "
+                    f"Raise data.batch_timeout if the storage is this slow (0 = wait forever)")
+            if not self.usable_since_batch:  # samples came, none usable: the batch timeout is not what to change
+                raise DataSourceError(unusable_stream_message(f"{what} and no usable sample since the last batch"
+                                                              f"{last}", dict(self.total), dict(self.filtered_total),
+                                                              self.names))
             filtered = (f"; filtered out by data.keep/keep_probability/min_score: {_counts(self.filtered_total)}"
                         if self.filtered_total else "")
             raise DataSourceError(
-                f"data stream {self.stream} brought no batch in {self.batch_timeout:g} s (data.batch_timeout): "
-                f"skipped so far by this worker: {_counts(self.total)}{filtered}{last}; sources: "
-                f"{'; '.join(self.names)}. "
+                f"{what}, though samples were coming ({self.usable_since_batch} since the last batch): skipped so far "
+                f"by this worker: {_counts(self.total)}{filtered}{last}; sources: {'; '.join(self.names)}. "
                 f"Raise data.batch_timeout if batches are this slow to come (0 = wait forever)")
 
     def progress(self) -> None:
@@ -362,6 +464,7 @@ class StreamGuard(SkipCounter):
         self.last_item = now
         if batch:
             self.waiting_since = now
+            self.usable_since_batch, self.seen_at_batch = 0, self.seen
         else:  # a heartbeat: the time the consumer held it is not the stream's
             self.waiting_since += now - paused_at
 
@@ -511,6 +614,8 @@ class ShardStream(IterableDataset):
             and `resize_mode` (and `fill_color`) shape the resize; None: bicubic, shortest side.
         max_source_failures: failed shard reads of one source in a row, with no sample between, that stop the
             stream (`data.max_source_failures`).
+        max_unusable: samples in a row skipped or filtered out that stop the stream, saying why
+            (`data.max_unusable`; 0: no bound). A whole exact pass without a usable sample stops it too.
         batch_timeout: seconds a worker may run without bringing a batch before it stops the stream; 0: no limit
             (`data.batch_timeout`).
         heartbeats: yield heartbeat items (see above); `make_train_loader` asks for them.
@@ -527,6 +632,7 @@ class ShardStream(IterableDataset):
                  crop_scale: float = 0.9, start: dict[int, tuple[int, int]] | None = None, decode: str = "workers",
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, preprocess_cfg: dict[str, Any] | None = None,
                  max_source_failures: int = 10, batch_timeout: float = 600.0, heartbeats: bool = False,
+                 max_unusable: int = 20_000,
                  heartbeat_every: float | None = None, captions: dict[str, float] | None = None,
                  sample_filter: SampleFilter | None = None, decode_budget_mb: float = DEFAULT_DECODE_BUDGET_MB):
         super().__init__()
@@ -567,6 +673,9 @@ class ShardStream(IterableDataset):
         if batch_timeout < 0:
             raise ValueError(f"batch_timeout must be >= 0 (0: no limit), got {batch_timeout}")
         self.max_source_failures, self.batch_timeout = max_source_failures, batch_timeout
+        if max_unusable < 0:
+            raise ValueError(f"max_unusable must be >= 0 (0: no bound), got {max_unusable}")
+        self.max_unusable = max_unusable
         self.heartbeats = heartbeats
         if heartbeat_every is None:
             heartbeat_every = min(60.0, batch_timeout / 4) if batch_timeout else 60.0
@@ -601,7 +710,9 @@ class ShardStream(IterableDataset):
         while True:
             order = sorted(shards, key=lambda shard: shard[1])
             random.Random(wds.utils.make_seed(self.seed, epoch)).shuffle(order)  # alike on every process
-            samples = _read_shards(order[stream::streams], guard)
+            mine = order[stream::streams]
+            before, whole = (guard.usable, guard.seen), skip == 0  # a resumed pass is judged from its next one on
+            samples = _read_shards(mine, guard)
             for i, sample in enumerate(self._shuffled(samples, wds.utils.make_seed(self.seed, epoch, stream))):
                 if i < skip:  # replaying a pass up to the resume point: read, never decoded; no stall
                     guard.progress()
@@ -610,12 +721,15 @@ class ShardStream(IterableDataset):
                     continue
                 cursor.epoch, cursor.emitted = epoch, i + 1
                 yield sample
+            if whole:
+                guard.pass_ended(before, len(mine))
             epoch, skip = epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         stream = rank * workers + worker
-        guard = StreamGuard(self.sources, stream, self.max_source_failures, self.batch_timeout, self.heartbeat_every)
+        guard = StreamGuard(self.sources, stream, self.max_source_failures, self.batch_timeout, self.heartbeat_every,
+                            self.max_unusable)
         cursor = _Cursor()
         if self.resampled:
             samples = self._resampled(rank, worker, guard, cursor)
@@ -645,6 +759,7 @@ class ShardStream(IterableDataset):
                     guard.resumed(paused_at, batch=False)
                 continue
             key, image, caption = item
+            guard.use()
             keys.append(key)
             images.append(image)
             captions.append(caption)
