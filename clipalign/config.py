@@ -220,6 +220,8 @@ class EvalConfig:
     every: int = _key(0, "steps between zero-shot evaluations during training; 0 = only at the end", ">= 0")
     classnames: str = _key("", "file with one class name per line, or cifar10 | cifar100 | imagenet1k (built in)")
     templates: str = _key("", 'file with one prompt template per line ("{}" for the class name), or a built-in set')
+    table_format: str = _key("auto", "how a zeroshot/retrieval CSV separates columns: auto (from the extension: .tsv "
+                                     "tabs, else commas) | csv | tsv")
     batch_size: int = _key(128, "images (and prompts) per evaluation forward pass", ">= 1")
     precision: str = _key("fp32", "fp32 | bf16 | fp16 autocast of the towers during evaluation")
     val_every: int = _key(0, "with data.val: steps between validations during training; 0 = only at the end",
@@ -313,6 +315,7 @@ _CHOICES = {
     ("train", "sharding"): SHARDING_CHOICES,
     ("train", "patch_embed"): ("auto", "conv", "matmul"),
     ("eval", "precision"): ("fp32", "bf16", "fp16"),
+    ("eval", "table_format"): ("auto", "csv", "tsv"),
     ("data", "decode"): DECODE_CHOICES,
     ("data", "decode_backend"): DECODE_BACKENDS,
     ("data", "keep_id"): ("uid", "key"),  # clipalign.data.curation.KEEP_ID_CHOICES

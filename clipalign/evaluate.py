@@ -52,6 +52,7 @@ from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
 from clipalign.layout import write_atomic
 from clipalign.tokenizer import tokenize
 
+TABLE_SEPARATORS = {"csv": ",", "tsv": "\t"}  # eval.table_format / --table-format: an evaluation table's separator
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
     "a photo of the {}.",
@@ -97,7 +98,8 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
                              device: str | torch.device | None = None, progress: bool = True,
                              confusion: bool = False, label_key: str = "cls", csv_img_key: str = "filepath",
                              csv_label_key: str = "label", precision: str = "fp32",
-                             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+                             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                             table_format: str | None = None) -> dict[str, Any]:
     """Zero-shot accuracy of `model` on an ImageFolder, WebDataset shards with labels, or a CSV of labelled images.
 
     `data` is read by its form (see `clipalign.data.eval_sets.source_kind`): a folder is an ImageFolder (one
@@ -123,6 +125,7 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
         precision: "fp32", or "bf16"/"fp16" autocast for both towers (features are compared in fp32).
         max_image_pixels: images with more pixels (header size) are skipped as `bad_image`, never decoded; 0: no
             limit.
+        table_format: a CSV/TSV's separator, `csv` (comma) or `tsv` (tab); None: from its extension.
 
     Returns:
         `top1`, `top5` (with 5 classes or more), `mean_per_class_recall`, `num_images`, `num_classes`, `chance`,
@@ -147,7 +150,8 @@ def zero_shot_classification(model, data: str | os.PathLike, classnames: Sequenc
                              f"beside the data")
         classnames = list(classnames)
         if kind == "csv":
-            paths, labels = read_labelled_csv(data, classnames, csv_img_key, csv_label_key)
+            paths, labels = read_labelled_csv(data, classnames, csv_img_key, csv_label_key,
+                                              separator=TABLE_SEPARATORS.get(table_format or ""))
             dataset = ImagePaths(paths, labels, transform, max_image_pixels)
         else:
             dataset = ShardSamples(str(data), transform, label_reader(label_key, classnames), max_image_pixels)
@@ -244,7 +248,8 @@ def zero_shot_retrieval(model, data: str | os.PathLike, image_key: str = "filepa
                         caption_key: str = "caption", batch_size: int = 128, workers: int = 0,
                         device: str | torch.device | None = None, progress: bool = True,
                         ks: Sequence[int] = (1, 5, 10), precision: str = "fp32",
-                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                        table_format: str | None = None) -> dict[str, Any]:
     """Image-to-text and text-to-image recall@k of `model` on a captioned image set, counted as clip_benchmark does.
 
     `data` is a CSV/TSV with one row per (image, caption) pair (an image with several captions has several rows),
@@ -252,7 +257,8 @@ def zero_shot_retrieval(model, data: str | os.PathLike, image_key: str = "filepa
     Every image is ranked against every caption by cosine similarity. Text-to-image: a caption scores a hit at k when
     its own image is among the k most similar images. Image-to-text: an image scores a hit at k when any one of its
     captions is among the k most similar captions. Recall@k is the mean of the hits, over captions and over images.
-    An image over `max_image_pixels` (0: no limit) is skipped unread, and its captions with it.
+    An image over `max_image_pixels` (0: no limit) is skipped unread, and its captions with it. `table_format`: a
+    CSV/TSV's separator, `csv` (comma) or `tsv` (tab); None: from its extension.
 
     Returns:
         `image_retrieval_recall@k` (text to image), `text_retrieval_recall@k` (image to text) for each k,
@@ -265,7 +271,8 @@ def zero_shot_retrieval(model, data: str | os.PathLike, image_key: str = "filepa
         dataset: Any = ShardSamples(str(data), transform, every_caption, max_image_pixels)
         captions, owners = [], []
     else:
-        paths, captions, owners = read_retrieval_csv(data, image_key, caption_key)
+        paths, captions, owners = read_retrieval_csv(data, image_key, caption_key,
+                                                     separator=TABLE_SEPARATORS.get(table_format or ""))
         dataset = ImagePaths(paths, range(len(paths)), transform, max_image_pixels)
     skipped: Counter = Counter()
     with _evaluating(model, device) as device, _autocast(device, precision):
@@ -396,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                             "WebDataset shards with one or many captions per image")
     parser.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths")
     parser.add_argument("--csv-caption-key", default="caption", help="retrieval CSV column of captions")
+    parser.add_argument("--table-format", choices=tuple(TABLE_SEPARATORS),
+                        help="how a --data/--retrieval table separates its columns: csv (commas) or tsv (tabs); "
+                             "default: from the extension (.tsv: tabs, else commas)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="autocast precision of the towers (bf16 on GPUs halves the time)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -422,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
             confusion=args.confusion or bool(args.confusion_png), label_key=args.label_key,
             csv_img_key=args.csv_img_key, csv_label_key=args.csv_label_key, precision=args.precision,
-            max_image_pixels=args.max_image_pixels)
+            max_image_pixels=args.max_image_pixels, table_format=args.table_format)
         if args.confusion_png:
             png = plot_confusion(result["classnames"], result["confusion_matrix"], args.confusion_png)
             print(f"confusion matrix: {png}")
@@ -434,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.retrieval:
         result = zero_shot_retrieval(model, args.retrieval, args.csv_img_key, args.csv_caption_key,
                                      batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
-                                     precision=args.precision, max_image_pixels=args.max_image_pixels)
+                                     precision=args.precision, max_image_pixels=args.max_image_pixels,
+                                     table_format=args.table_format)
         _print_table(result, f"zero-shot retrieval on {args.retrieval}")
         out["retrieval"] = {"data": str(args.retrieval), **result}
     if args.output:

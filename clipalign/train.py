@@ -818,12 +818,19 @@ def _evaluate(cfg: Config, model) -> dict:
         results["zeroshot"] = zero_shot_classification(model, _eval_set(cfg, "zeroshot"), classnames=classnames,
                                                        templates=templates, batch_size=cfg.eval.batch_size,
                                                        progress=False, precision=cfg.eval.precision,
-                                                       max_image_pixels=cfg.data.max_image_pixels)
+                                                       max_image_pixels=cfg.data.max_image_pixels,
+                                                       table_format=_table_format(cfg))
     if _eval_set(cfg, "retrieval"):
         results["retrieval"] = zero_shot_retrieval(model, _eval_set(cfg, "retrieval"), batch_size=cfg.eval.batch_size,
                                                    progress=False, precision=cfg.eval.precision,
-                                                   max_image_pixels=cfg.data.max_image_pixels)
+                                                   max_image_pixels=cfg.data.max_image_pixels,
+                                                   table_format=_table_format(cfg))
     return results
+
+
+def _table_format(cfg: Config) -> str | None:
+    """eval.table_format for the evaluation readers: None (from the extension) for auto."""
+    return None if cfg.eval.table_format == "auto" else cfg.eval.table_format
 
 
 def _evaluate_and_export(cfg: Config, model, checkpoint: Path, metrics_path: Path) -> dict:

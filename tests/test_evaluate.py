@@ -176,6 +176,12 @@ def test_retrieval_csv_errors_name_file_row_and_column(tmp_path):
         read_retrieval_csv(tmp_path / "empty_caption.csv")
     with pytest.raises(FileNotFoundError, match="CSV .*nope.csv does not exist"):
         read_retrieval_csv(tmp_path / "nope.csv")
+    tabs = tmp_path / "tabs.csv"  # a TSV under a .csv name: the separator named, with how to read it
+    tabs.write_text("filepath\tcaption\na.png\tfirst\n")
+    with pytest.raises(ValueError, match=r"The header looks tab-separated \(2 columns\): read it as one "
+                                         r"\(clipalign-zeroshot --table-format tsv; eval.table_format=tsv"):
+        read_retrieval_csv(tabs)
+    assert read_retrieval_csv(tabs, separator="\t")[1] == ["first"]
 
 
 def test_cli_retrieval_and_classification_in_one_json(run, folder, tmp_path, capsys):

@@ -294,6 +294,7 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, capsys):
     # nothing usable: stats still written, exit status 1
     (tmp_path / "allbad").mkdir()
     (tmp_path / "allbad" / "x.jpg").write_bytes(b"junk")
+    (tmp_path / "allbad" / "x.txt").write_text("a caption for an image that does not decode")
     with pytest.raises(SystemExit) as exit_info:
         make_main(["folder", str(tmp_path / "allbad"), "--out", str(tmp_path / "none"), "--no-progress"])
     assert exit_info.value.code == 1 and _stats(tmp_path / "none")["shards_written"] == 0
@@ -373,6 +374,27 @@ def test_input_errors_name_what_is_wrong(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="--overwrite"):
         make_shards(src, tmp_path / "out")
     assert make_shards(src, tmp_path / "out", overwrite=True)["samples_written"] == 1
+
+
+def test_a_wrong_input_kind_or_separator_is_named_with_the_command_that_reads_it(tmp_path, capsys):
+    # class folders of images without captions: an ImageFolder given to `folder`
+    for cls in ("cat", "dog"):
+        for i in range(2):
+            _image(tmp_path / "pets" / cls / f"{i}.jpg")
+    with pytest.raises(SystemExit) as exit_info:
+        make_main(["folder", str(tmp_path / "pets"), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "none of the 4 images under" in err and "2 class folders (cat, dog)" in err
+    assert f"run clipalign-make-shards imagefolder {tmp_path / 'pets'} --out OUT --templates 'a photo of a {{}}.'" \
+        in err and not (tmp_path / "o").exists()
+    # a tab-separated table named .csv
+    _image(tmp_path / "a.jpg")
+    table = tmp_path / "t.csv"
+    table.write_text("image\tcaption\na.jpg\ta red square\n")
+    with pytest.raises(SystemExit):
+        make_main(["table", str(table), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert "The header looks tab-separated (2 columns): pass --table-format tsv." in capsys.readouterr().err
+    assert len(table_samples(table, table_format="tsv")) == 1
 
 
 def test_workers_give_byte_identical_shards(tmp_path):

@@ -28,8 +28,11 @@ from torch.utils.data import Dataset, IterableDataset
 
 from clipalign.data.sample import image_bytes, lines_beside, sample_json
 from clipalign.data.shards import expand_urls, shard_samples
-from clipalign.data.sources import open_table
+from clipalign.data.sources import open_table, separator_hint
 from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, decode_image
+
+# how to read a tab-separated evaluation table named .csv, in clipalign-zeroshot and in a recipe
+TAB_FIX = "read it as one (clipalign-zeroshot --table-format tsv; eval.table_format=tsv in a recipe) or name it .tsv"
 
 
 def source_kind(spec: str | os.PathLike) -> str:
@@ -171,15 +174,21 @@ class ImagePaths(Dataset):
         return image, self.targets[index], ""
 
 
+def csv_separator(path: str | os.PathLike, separator: str | None = None) -> str:
+    """The separator an evaluation table is read with: `separator`, else a tab for `.tsv` and a comma otherwise."""
+    return separator or ("\t" if Path(path).suffix.lower() == ".tsv" else ",")
+
+
 def _csv_rows(path: Path, keys: Sequence[str], separator: str | None, hint: str) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"CSV {path} does not exist")
-    sep = separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
+    sep = csv_separator(path, separator)
     # quoted cells even in a TSV: clip_benchmark reads these files with pandas, which honours quotes
     with open_table(path, "csv", delimiter=sep, quoting=csv.QUOTE_MINIMAL) as (header, rows):
         missing = [k for k in keys if k not in (header or [])]
         if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r}; columns are {header} ({hint})")
+            raise ValueError(f"{path}: no column {missing[0]!r}; columns are {header} ({hint})."
+                             f"{separator_hint(header, TAB_FIX) if sep != chr(9) else ''}")
         for number, row in enumerate(rows, 2):
             yield number, {name: row[i] if i < len(row) else None for i, name in enumerate(header)}
 

@@ -74,7 +74,21 @@ def folder_samples(root: str | os.PathLike) -> list[SourceSample]:
         samples.append(SourceSample(index, str(path), rel, rel, captions, meta, skip))
     if not samples:
         raise ShardInputError(f"no images under {root} (looked for {', '.join(INPUT_EXTENSIONS)}, recursively)")
+    if all(sample.skip == "no_caption" for sample in samples):
+        raise ShardInputError(_uncaptioned_folder(root, samples))
     return samples
+
+
+def _uncaptioned_folder(root: Path, samples: list[SourceSample]) -> str:
+    """Why a folder of images without a single caption makes no shards, and what to run instead."""
+    classes = sorted({Path(s.source).parts[0] for s in samples if len(Path(s.source).parts) == 2})
+    message = (f"none of the {len(samples)} images under {root} has a caption (x.txt, or x.json with "
+               f"\"caption\"/\"captions\", beside x.jpg)")
+    if len(classes) >= 2 and all(len(Path(s.source).parts) == 2 for s in samples):
+        return (f"{message}; they sit in {len(classes)} class folders ({', '.join(classes[:3])}"
+                f"{', ...' if len(classes) > 3 else ''}), as in an ImageFolder: for captions made from the class "
+                f"names, run clipalign-make-shards imagefolder {root} --out OUT --templates 'a photo of a {{}}.'")
+    return f"{message}; write one caption file per image, or use a table of (image, caption) rows"
 
 
 def table_samples(
@@ -302,11 +316,26 @@ def _read_table(path: Path, fmt: str, columns: list[str], flags: dict[str, str])
         return [tuple(row[i] if i < len(row) else None for i in positions) for row in rows]
 
 
+def separator_hint(columns: Sequence[str] | None, tab_fix: str) -> str:
+    """A sentence for a table read with the wrong separator, its header one column holding tabs (`tab_fix` says
+    how to read it as a TSV) or semicolons; empty when the header does not look so."""
+    if not columns or len(columns) != 1:
+        return ""
+    header = columns[0]
+    if "\t" in header:
+        return f" The header looks tab-separated ({header.count(chr(9)) + 1} columns): {tab_fix}."
+    if ";" in header:
+        return (f" The header looks semicolon-separated ({header.count(';') + 1} columns): save the table with commas "
+                f"or tabs.")
+    return ""
+
+
 def _check_columns(path: Path, columns: Sequence[str], flags: dict[str, str]) -> None:
     missing = [f"{name!r} ({flag})" for name, flag in flags.items() if name not in columns]
     if missing:
+        hint = separator_hint(columns, "pass --table-format tsv")
         raise ShardInputError(f"table {path} has no column {', '.join(missing)}; its columns are: "
-                              f"{', '.join(repr(c) for c in columns)}")
+                              f"{', '.join(repr(c) for c in columns)}.{hint}")
 
 
 def _refuse_urls(path: Path, image_col: str, rows: list[tuple[Any, ...]]) -> None:
