@@ -46,8 +46,10 @@ from clipalign.data.sample import (
     TEMPLATES_FILE,
     every_caption,
     folder_classnames,
+    image_bytes,
     resolve_lines,
 )
+from clipalign.data.shards import expand_urls, shard_samples
 from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
 from clipalign.layout import write_atomic
 from clipalign.tokenizer import tokenize
@@ -321,6 +323,120 @@ def retrieval_metrics(scores: torch.Tensor, owners: torch.Tensor, ks: Sequence[i
     return result
 
 
+# ---- checking a source before a model reads it ---------------------------------------------------------------
+
+_PEEK_SAMPLES = 16  # samples of the first shard read to check that a shard source holds what the evaluation needs
+
+
+def check_templates(templates: Sequence[str], given_as: str = "templates") -> None:
+    """Every prompt template has the "{}" where the class name goes; ValueError naming the first that has not."""
+    if not templates:
+        raise ValueError(f"{given_as}: no prompt template; give one per line, each with '{{}}' for the class name")
+    missing = [t for t in templates if "{}" not in t]
+    if missing:
+        raise ValueError(f"{given_as}: {len(missing)} of {len(templates)} prompt templates have no '{{}}' where the "
+                         f"class name goes, e.g. {missing[0]!r}")
+
+
+def numbered_folders_warning(classes: Sequence[str], named: bool, given_as: str = "classnames") -> str:
+    """A warning for class folders named by numbers that sort differently as text, when the class names come from a
+    list (`named`), not from the folders: ImageFolder numbers the classes in text order (0, 1, 10, 11, 2, ...), and a
+    list written in numeric order then labels most images wrong. "" when that cannot happen."""
+    if not named or not classes or not all(c.isdigit() for c in classes):
+        return ""
+    numeric = sorted(classes, key=int)
+    if list(classes) == numeric:
+        return ""
+    shown, in_order = ", ".join(list(classes)[:5]), ", ".join(numeric[:5])
+    return (f"{given_as}: the class folders are numbers, which ImageFolder orders as text ({shown}, ...): the i-th "
+            f"name must be the class of the i-th folder in that order. A list in numeric order ({in_order}, ...) "
+            f"labels most images wrong; name the folders with leading zeros ({len(numeric[-1])} digits) or write the "
+            f"names in the folders' text order")
+
+
+def check_classification_source(data: str | os.PathLike, classnames: Sequence[str] | None = None,
+                                templates: Sequence[str] | None = None, label_key: str = "cls",
+                                csv_img_key: str = "filepath", csv_label_key: str = "label",
+                                table_format: str | None = None,
+                                given_as: tuple[str, str, str] = ("data", "classnames", "templates")
+                                ) -> tuple[dict[str, Any], list[str]]:
+    """Open what `zero_shot_classification(model, data, ...)` would read and check its shape, without a model.
+
+    An ImageFolder must hold class folders with images, and the class names one per folder (a warning for numbered
+    folders, see `numbered_folders_warning`); a CSV/TSV its columns, labels and image files; shards must exist and the
+    first one hold images with labels. Class names are required where the data cannot give them, templates must hold
+    "{}". `given_as` names the data, class names and templates in the messages (flags or recipe keys).
+
+    Returns:
+        ({"kind", "classes", "images" (None for shards: not counted)}, warnings).
+
+    Raises:
+        FileNotFoundError, ValueError: naming the source, the file, row or template and what was expected.
+    """
+    what, names_as, templates_as = given_as
+    if templates is not None:
+        check_templates(templates, templates_as)
+    kind = source_kind(data)
+    if kind == "folder":
+        folder = _image_folder(Path(data))
+        names = folder_classnames(folder.root, folder.classes, classnames, names_as)
+        named = classnames is not None or (Path(data) / CLASSNAMES_FILE).is_file()
+        warning = numbered_folders_warning(folder.classes, named, names_as)
+        return ({"kind": kind, "classes": len(names), "images": len(folder.samples)}, [warning] if warning else [])
+    if classnames is None:
+        classnames = sidecar_lines(data, [CLASSNAMES_FILE])
+    if not classnames:
+        raise ValueError(f"{what}: classification on {data} needs class names: set {names_as} (a file with one per "
+                         f"line in label order, or {', '.join(BUILTIN_SETS)}), or put {CLASSNAMES_FILE} beside it")
+    if kind == "csv":
+        paths, _ = read_labelled_csv(data, classnames, csv_img_key, csv_label_key,
+                                     separator=TABLE_SEPARATORS.get(table_format or ""))
+        return {"kind": kind, "classes": len(classnames), "images": len(paths)}, []
+    _peek_shards(data, what, "a label (the member ." + label_key + " or the JSON field 'label')",
+                 label_reader(label_key, list(classnames)))
+    return {"kind": kind, "classes": len(classnames), "images": None}, []
+
+
+def check_retrieval_source(data: str | os.PathLike, image_key: str = "filepath", caption_key: str = "caption",
+                           table_format: str | None = None, what: str = "retrieval") -> dict[str, Any]:
+    """Open what `zero_shot_retrieval(model, data, ...)` would read and check its shape, without a model: a CSV/TSV's
+    columns, captions and image files, or the first shard's images and captions. Returns {"kind", "images", "texts"}
+    (None for shards: not counted); raises FileNotFoundError or ValueError naming what is wrong."""
+    kind = source_kind(data)
+    if kind == "folder":
+        raise ValueError(f"{what}: {data} is a folder; retrieval reads a CSV/TSV of (image, caption) rows or "
+                         f"captioned WebDataset shards")
+    if kind == "csv":
+        paths, captions, _ = read_retrieval_csv(data, image_key, caption_key,
+                                                separator=TABLE_SEPARATORS.get(table_format or ""))
+        return {"kind": kind, "images": len(paths), "texts": len(captions)}
+    _peek_shards(data, what, "a caption (.txt, or JSON caption/captions)", every_caption)
+    return {"kind": kind, "images": None, "texts": None}
+
+
+def _peek_shards(spec: str | os.PathLike, what: str, needs: str, target) -> None:
+    """The first shard of `spec` opens and one of its first samples has an image and a `target`."""
+    urls = expand_urls(str(spec))
+    first = urls[0]
+    if first.startswith("pipe:") or "://" in first:
+        return  # remote: read when the evaluation runs
+    seen, reasons = 0, Counter()
+    for sample in shard_samples([first], lambda url, message: reasons.update(["unreadable_tar"])):
+        seen += 1
+        try:
+            usable = image_bytes(sample) is not None and target(sample) not in (None, [])
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{what}: {first}: sample {sample['__key__']!r}: {e}") from None
+        if usable:
+            return
+        reasons["no_image" if image_bytes(sample) is None else "no_target"] += 1
+        if seen >= _PEEK_SAMPLES:
+            break
+    raise ValueError(f"{what}: none of the first {seen} samples of {first} has an image and {needs} "
+                     f"({', '.join(f'{k}={v}' for k, v in reasons.items()) or 'no sample'}); look at it with "
+                     f"clipalign-inspect-shards {first}")
+
+
 def _image_folder(folder: Path) -> ImageFolder:
     """The ImageFolder's classes and (path, label) samples; the images are read later, by `ImagePaths`."""
     if not folder.is_dir():
@@ -419,6 +535,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.data and not args.retrieval:
         parser.error("give --data (classification), --retrieval (retrieval) or both")
+    # what the evaluation reads, opened and checked before the model is loaded: a mistake costs seconds
+    try:
+        classnames = resolve_lines(names, "classnames") if (names := args.classnames or args.dataset) else None
+        templates = resolve_lines(temps, "templates") if (temps := args.templates or args.dataset) else None
+        if args.data:
+            _, warnings = check_classification_source(
+                args.data, classnames, templates, args.label_key, args.csv_img_key, args.csv_label_key,
+                args.table_format, given_as=("--data", "--classnames", "--templates"))
+            for warning in warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+        if args.retrieval:
+            check_retrieval_source(args.retrieval, args.csv_img_key, args.csv_caption_key, args.table_format,
+                                   what="--retrieval")
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
     from clipalign.model import load
 
@@ -426,9 +557,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out: dict[str, Any] = {"model": str(args.model)}
     if args.data:
         result = zero_shot_classification(
-            model, args.data,
-            classnames=resolve_lines(names, "classnames") if (names := args.classnames or args.dataset) else None,
-            templates=resolve_lines(temps, "templates") if (temps := args.templates or args.dataset) else None,
+            model, args.data, classnames=classnames, templates=templates,
             batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
             confusion=args.confusion or bool(args.confusion_png), label_key=args.label_key,
             csv_img_key=args.csv_img_key, csv_label_key=args.csv_label_key, precision=args.precision,

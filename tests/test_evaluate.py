@@ -122,6 +122,42 @@ def test_missing_or_empty_folder_is_a_clear_error(model, tmp_path):
         zero_shot_classification(model, tmp_path / "empty")
 
 
+def test_a_source_is_checked_before_any_model_and_its_mistakes_named(folder, tmp_path, capsys):
+    from clipalign.evaluate import check_classification_source, check_retrieval_source
+
+    summary, warnings = check_classification_source(folder)
+    assert summary == {"kind": "folder", "classes": 3, "images": 12} and warnings == []
+    flat = tmp_path / "flat"  # images without class folders: not an ImageFolder
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "a.png")
+    with pytest.raises(FileNotFoundError, match="holds no images; expected an ImageFolder"):
+        check_classification_source(flat)
+    with pytest.raises(ValueError, match=r"classnames: 2 class names for 3 class folders"):
+        check_classification_source(folder, classnames=["a", "b"])
+    with pytest.raises(ValueError, match=r"templates: 1 of 2 prompt templates have no '\{\}' where the class name "
+                                         r"goes, e.g. 'a photo'"):
+        check_classification_source(folder, templates=["a photo of a {}.", "a photo"])
+    # the digits case: folders 0..11 ordered as text by ImageFolder, names listed in numeric order
+    digits = tmp_path / "digits"
+    for d in range(12):
+        (digits / str(d)).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(digits / str(d) / "x.png")
+    _, warnings = check_classification_source(digits, classnames=[f"digit {d}" for d in range(12)])
+    assert len(warnings) == 1 and "orders as text (0, 1, 10, 11, 2, ...)" in warnings[0]
+    assert check_classification_source(digits)[1] == []  # names from the folders themselves: nothing to mislabel
+    with pytest.raises(ValueError, match="retrieval: .* is a folder; retrieval reads a CSV/TSV"):
+        check_retrieval_source(folder)
+    (tmp_path / "r.csv").write_text("image,text\nblue/0.png,a blue square\n")
+    with pytest.raises(ValueError, match=r"no column 'filepath'; columns are \['image', 'text'\]"):
+        check_retrieval_source(tmp_path / "r.csv")
+    # the command line checks the data before it loads a model (a model path that does not exist is never reached)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "no-model"), "--data", str(folder), "--classnames", str(tmp_path / "no.txt")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"classnames '{tmp_path / 'no.txt'}' is neither a file nor a built-in set" in err
+
+
 def test_cli_scores_a_checkpoint_and_writes_json(model, run, folder, tmp_path, capsys):
     (tmp_path / "names.txt").write_text("blue\ngreen\nlight red\n")
     out = tmp_path / "eval" / "zeroshot.json"
