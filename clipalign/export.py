@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from clipalign import __version__, hf_export
-from clipalign.checkpoint import read_trainer_state, resolve_checkpoint
+from clipalign.checkpoint import CheckpointError, read_trainer_state, resolve_checkpoint
 from clipalign.config import EXPORT_FORMATS, read_config, redact_source
 from clipalign.layout import (
     EXPORT_CONFIG_FILE,
@@ -93,7 +93,7 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
     if export_format is not None and export_format not in EXPORT_FORMATS:
         raise ValueError(f"export_format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     out = Path(out_dir)
-    _check_replaceable(out)
+    check_export_target(out)
     model, model_cfg, provenance, source, own_format = _resolve(model_or_checkpoint)
     # converted (and refused) before anything is written
     transformers = hf_export.convert(model, model_cfg) if (export_format or own_format) == "transformers" else None
@@ -123,9 +123,19 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
     return out
 
 
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or is_export(out))):
-        raise FileExistsError(f"{out} exists and is not an export directory; refusing to replace it")
+def check_export_target(out: str | os.PathLike, given_as: str = "--out") -> None:
+    """An export may go to `out`: it does not exist, is an empty directory, or holds an earlier export (replaced).
+    Anything else is a FileExistsError naming what is there, so that a typo cannot wipe a directory."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{given_as} {out} is a file; an export is a directory: give a new or empty one")
+    if any(out.iterdir()) and not is_export(out):
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise FileExistsError(f"{given_as} {out} exists and is not an export (it holds {shown}); an export replaces "
+                              f"only an earlier export: give a new or empty directory")
 
 
 def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict, dict, str | None, str]:
@@ -433,8 +443,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         out = export_model(args.checkpoint, args.out, onnx=args.onnx, onnx_exporter=args.onnx_exporter,
                            export_format=args.format)
-    except hf_export.NotExportable as e:
-        parser.exit(2, f"clipalign-export: {e}\n")
+    except (hf_export.NotExportable, FileExistsError, FileNotFoundError, CheckpointError) as e:
+        parser.exit(2, f"clipalign-export: error: {e}\n")
     print(f"exported {args.checkpoint} -> {out}")
     for path in sorted(out.iterdir()):
         print(f"  {path.name:<32}{path.stat().st_size / 1e6:10.1f} MB")

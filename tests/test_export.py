@@ -178,7 +178,7 @@ def test_model_card_reports_training_data_and_the_last_evaluation(trained, tmp_p
     assert "| retrieval text to image, recall@1/5/10 | 1.0 / 5.0 / 10.0 % |" in card
 
 
-def test_export_of_a_model_object_replaces_an_earlier_export_and_nothing_else(trained, batch, tmp_path):
+def test_export_of_a_model_object_replaces_an_earlier_export_and_nothing_else(trained, batch, tmp_path, capsys):
     model = trained[0]
     out = tmp_path / "export"
     export_model(model, out)
@@ -196,6 +196,14 @@ def test_export_of_a_model_object_replaces_an_earlier_export_and_nothing_else(tr
     with pytest.raises(FileExistsError, match="not-an-export"):
         export_model(model, other)
     assert (other / "notes.txt").read_text() == "keep me"
+    # the command line says so in one line, before it reads a checkpoint
+    from clipalign.export import main as export_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--checkpoint", str(tmp_path / "no-run"), "--out", str(other)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"clipalign-export: error: --out {other} exists and is not an export (it holds notes.txt)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "not-an-export"]  # no temporary leftovers
 
 

@@ -352,7 +352,8 @@ def test_recipe_format_is_the_default_and_the_command_line_refuses_in_one_line(t
         main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "export")])  # the recipe asks for transformers
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("clipalign-export: model 'tiny-convnext-64': vision_cfg.timm_model_name") and "\n" not in err
+    assert err.startswith("clipalign-export: error: model 'tiny-convnext-64': vision_cfg.timm_model_name")
+    assert "\n" not in err  # stripped: one line
     assert not (tmp_path / "export").exists()
     out = export_model(run_dir, tmp_path / "export", export_format="open_clip")  # the open_clip files still work
     assert (out / EXPORT_CONFIG_FILE).is_file() and not (out / TRANSFORMERS_CONFIG_FILE).exists()
