@@ -19,6 +19,7 @@ their raw 16-bit integers.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -82,7 +83,7 @@ if triton is not None:
         """rows[idx_m] @ cols[idx_n].T in fp32, over D in BLOCK_D slices (D up to thousands); (BLOCK_M, BLOCK_N).
 
         UNROLL_D unrolls the slices, which leaves the loop over blocks innermost (pipelined, and loop-invariant row
-        loads hoisted) at the price of registers; autotuning tries both.
+        loads hoisted) at the price of shared memory: a pipeline stage then holds all of D (see the candidates).
         """
         dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if UNROLL_D:
@@ -182,45 +183,146 @@ if triton is not None:
             acc = _mma(tl.trans(grad.to(u.dtype)), u, acc, UPCAST, PRECISION)
         tl.store(out_ptr + offs_n[:, None] * D + offs_o[None, :], acc, mask=(offs_n < N)[:, None] & (offs_o < D))
 
+    _KERNELS = {"fwd": _lse_fwd_kernel, "rows": _grad_rows_kernel, "cols": _grad_cols_kernel}
 
-# Block sizes. The interpreter runs one small fixed configuration (tiny blocks exercise the masking); CUDA autotunes
-# the candidates below per (M, N, D, dtype) on first use. Not yet timed on a GPU. Compiled offline for sm_90 with
-# bf16 at D = 512, the first of each list keeps all its registers (no spills); the ones whose BLOCK_DO covers all of D
-# (one recompute of the logits per block instead of D / BLOCK_DO) spill some, so which wins is for the timing to say.
+
+# Block sizes. The interpreter runs one small fixed configuration (tiny blocks exercise the masking). CUDA autotunes
+# per (M, N, D, SYMMETRIC, PRECISION, the tensors' dtypes) on first use among the candidates of the operands' kind
+# (`_operands`), less those `_fitting` drops for D and the device's shared memory. Not yet run on a GPU, let alone
+# timed: which candidate wins is for the autotuner to say there. What is measured, offline: every candidate below
+# compiled for sm_90 (H100/H200), specialised as at run time (16-byte aligned pointers, sizes multiples of 16), at
+# D = 512, 768 and 1024 in both modes, takes at most 192 KB of shared memory (an H100/H200 block may have 227 KB)
+# and spills no register; tests/test_fused_infonce.py::test_every_config_fits_hopper repeats it for bf16 and for
+# one fp32 case per precision. That alignment lets Triton pipeline the loads: the buffers are num_stages copies of
+# a BLOCK_D slice of a row block and a column block, whatever D is. UNROLL_D (the D loop unrolled, the block loop
+# innermost) pipelines whole rows instead, all of D per stage: 256 KB to 1.5 MB at D = 512-1024, so it appears here
+# with one stage only (then, in the asymmetric forward, the row block stays in shared memory: BLOCK_M x D).
+# Kinds: bf16/fp16, and fp32 as TF32, run on the tensor cores; fp32 doubles the buffers and the operand registers,
+# so its list leaves out the 16-bit candidates that spilled or outgrew the device with it. fp32 "ieee" (torch's
+# default for fp32 matmuls) runs on the FMA units, which hold whole operand slices in registers: with the 16-bit
+# candidates nearly every kernel spilled (up to 10 KB), so its candidates take thin slices (BLOCK_D 16 or 32) and
+# small blocks.
+# Every forward BLOCK_M is >= 64: lse_forward sizes its column partials for that.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "BLOCK_DO": 16, "UNROLL_D": False}
-_FWD_CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_D, UNROLL_D, warps, stages
-    (128, 64, 64, True, 8, 3), (128, 128, 64, True, 8, 3), (64, 64, 64, True, 4, 4), (128, 64, 128, True, 8, 2),
-    (128, 64, 64, False, 8, 3),
-]
-_BWD_CONFIGS = [  # own block, looped block, BLOCK_D, BLOCK_DO, UNROLL_D, warps, stages
-    (64, 64, 64, 256, True, 8, 2), (64, 64, 32, 128, True, 4, 3), (64, 64, 32, 256, True, 8, 3),
-    (128, 64, 64, 128, True, 8, 2), (64, 64, 32, 256, False, 8, 3), (64, 64, 64, 512, True, 8, 1),
-    (64, 64, 64, 512, True, 16, 2),
-]
+_FWD_CONFIGS = {  # BLOCK_M, BLOCK_N, BLOCK_D, UNROLL_D, warps, stages
+    "16-bit": [(128, 128, 64, False, 8, 3), (128, 64, 64, False, 8, 3), (64, 128, 64, False, 4, 4),
+               (64, 64, 64, True, 4, 1)],
+    "tf32": [(128, 128, 64, False, 8, 3), (128, 64, 64, False, 8, 3), (64, 128, 64, False, 4, 4),
+             (64, 64, 64, False, 4, 3)],
+    "ieee": [(64, 64, 16, False, 4, 2), (64, 64, 16, False, 8, 2), (128, 128, 16, False, 8, 2),
+             (64, 64, 32, False, 4, 2)],
+}
+_BWD_CONFIGS = {  # own block, looped block, BLOCK_D, BLOCK_DO, UNROLL_D, warps, stages
+    "16-bit": [(64, 64, 64, 256, False, 8, 3), (64, 128, 64, 256, False, 8, 3), (128, 64, 64, 128, False, 8, 3),
+               (64, 64, 64, 512, False, 16, 2), (64, 64, 64, 256, True, 8, 1)],
+    "tf32": [(64, 64, 64, 256, False, 8, 3), (64, 64, 32, 256, False, 8, 3), (64, 32, 64, 256, False, 8, 3),
+             (128, 64, 32, 128, False, 8, 3), (64, 64, 64, 256, True, 8, 1)],
+    "ieee": [(64, 64, 16, 128, False, 8, 2), (32, 32, 16, 128, False, 4, 2), (64, 16, 16, 256, False, 8, 2),
+             (64, 32, 16, 128, False, 8, 2)],
+}
+_KINDS = ("16-bit", "tf32", "ieee")
+_SCRATCH = 2048  # bytes of shared memory beside the buffers (barriers, the reductions' exchange), measured <= 2 KB
 _tuned: dict[str, object] = {}
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configurations whose D slices exceed D (masked work only); keep the smallest if none is left."""
-    width = triton.next_power_of_2(max(int(named_args["D"]), 16))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 128)]
-    return kept or configs[:1]
+def _operands(dtype: torch.dtype, precision: str) -> str:
+    """The kind of operands the products take, which picks the candidate configurations: 16-bit, tf32 or ieee."""
+    if dtype == torch.float32:
+        return precision
+    return "16-bit"
+
+
+def _candidates(name: str, kind: str) -> list:
+    """The candidate configurations (triton.Config) of kernel `name` ("fwd", "rows" or "cols") for `kind`."""
+    if name == "fwd":
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d, "UNROLL_D": u}, num_warps=w, num_stages=s)
+                for m, n, d, u, w, s in _FWD_CONFIGS[kind]]
+    own, loop = ("BLOCK_M", "BLOCK_N") if name == "rows" else ("BLOCK_N", "BLOCK_M")
+    return [triton.Config({own: a, loop: b, "BLOCK_D": d, "BLOCK_DO": o, "UNROLL_D": u}, num_warps=w, num_stages=s)
+            for a, b, d, o, u, w, s in _BWD_CONFIGS[kind]]
+
+
+def _shared_bytes(name: str, config, dim: int, element_size: int, symmetric: bool) -> int:
+    """An upper bound of the shared memory kernel `name` takes with `config` (a triton.Config) at width `dim`.
+
+    The buffers Triton allocates, as read off compiles for sm_90 (tests/test_fused_infonce.py checks the bound
+    against every candidate): the pipeline's `num_stages` copies of one slice of a row block and a column block;
+    with UNROLL_D and several stages, copies of all of D instead; in the backward kernels, the larger of that, the
+    second product's operands (the block's gradient and a slice of the other side) and the fp32 accumulator on its
+    way out. Against the compiles of every candidate at D = 512, 768 and 1024: 2 KB over for most, 10-18 KB over
+    for the one-stage unrolled ones, up to 46 KB over for "ieee" (its products do not stage their operands).
+    """
+    meta, stages, size = config.kwargs, max(config.num_stages, 1), element_size
+    m, n, d = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"]
+    width = d * -(-dim // d)  # D in whole slices
+    unrolled = meta["UNROLL_D"] and stages > 1
+    slices = stages * (m + n) * (width if unrolled else d) * size
+    if name == "fwd":
+        if meta["UNROLL_D"] and not symmetric:  # no store in its loop: the row block is loaded once and kept
+            slices += m * width * size
+        return slices + _SCRATCH
+    out = meta["BLOCK_DO"]
+    loop = n if name == "rows" else m
+    if unrolled:  # the second product's operands are staged with the slices
+        return slices + (stages * loop * out + m * n) * size + _SCRATCH
+    second = (m * n + loop * out) * size
+    accumulator = (m if name == "rows" else n) * out * 4
+    return max(slices, second, accumulator) + _SCRATCH
+
+
+def _fitting(name: str, candidates: list, dim: int, element_size: int, symmetric: bool, max_shared: int) -> list:
+    """The candidates worth compiling at width `dim` on a device with `max_shared` bytes of shared memory per block.
+
+    Drops those whose D slices exceed D (masked work only) and those whose `_shared_bytes` exceed `max_shared` (they
+    would compile only to fail at launch); if none is left, keeps the one that needs the least shared memory.
+    """
+    width = triton.next_power_of_2(max(dim, 16))
+
+    def shared(config) -> int:
+        return _shared_bytes(name, config, dim, element_size, symmetric)
+
+    kept = [c for c in candidates if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 128)
+            and shared(c) <= max_shared]
+    return kept or [min(candidates, key=shared)]
+
+
+def _max_shared(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on `device` (the opt-in maximum, as Triton checks at launch)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def _prune(name: str, candidates: list, named_args: dict, max_shared: int | None = None, **kwargs) -> list:
+    """The autotuner's early prune: the candidates of the call's kind of operands that fit the call and the device.
+
+    `named_args` holds the call's positional arguments, `kwargs` its keywords (SYMMETRIC, PRECISION, ...); the
+    device's shared memory is read from the device of the features unless `max_shared` gives it.
+    """
+    rows = named_args["rows_ptr"]
+    mine = {_config_key(c) for c in _candidates(name, _operands(rows.dtype, kwargs["PRECISION"]))}
+    if max_shared is None:
+        max_shared = _max_shared(rows.device)
+    return _fitting(name, [c for c in candidates if _config_key(c) in mine], int(named_args["D"]), rows.element_size(),
+                    bool(kwargs["SYMMETRIC"]), max_shared)
+
+
+def _config_key(config) -> tuple:
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
 
 
 def _cuda_kernel(name: str):
-    """The autotuned launcher of one kernel, built on first use (autotuning needs a GPU)."""
+    """The autotuned launcher of one kernel, built on first use (autotuning needs a GPU).
+
+    It holds the candidates of every kind of operands; the prune keeps the call's own.
+    """
     if name not in _tuned:
-        key = ["M", "N", "D", "SYMMETRIC", "PRECISION"]
-        if name == "fwd":
-            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d, "UNROLL_D": u}, num_warps=w,
-                                     num_stages=s) for m, n, d, u, w, s in _FWD_CONFIGS]
-            fn = _lse_fwd_kernel
-        else:
-            own, loop = ("BLOCK_M", "BLOCK_N") if name == "rows" else ("BLOCK_N", "BLOCK_M")
-            configs = [triton.Config({own: a, loop: b, "BLOCK_D": d, "BLOCK_DO": o, "UNROLL_D": u}, num_warps=w,
-                                     num_stages=s) for a, b, d, o, u, w, s in _BWD_CONFIGS]
-            fn = _grad_rows_kernel if name == "rows" else _grad_cols_kernel
-        _tuned[name] = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(fn)
+        candidates = {}
+        for kind in _KINDS:
+            candidates.update((_config_key(c), c) for c in _candidates(name, kind))
+        key = ["M", "N", "D", "SYMMETRIC", "PRECISION"]  # and, added by triton, the tensors' dtypes
+        prune = functools.partial(_prune, name)
+        _tuned[name] = triton.autotune(configs=list(candidates.values()), key=key,
+                                       prune_configs_by={"early_config_prune": prune})(_KERNELS[name])
     return _tuned[name]
 
 
@@ -237,11 +339,10 @@ def _launch(name: str, grid_of, args: tuple, x: torch.Tensor, **constexprs) -> N
     upcast = not x.is_cuda  # only the interpreter runs CPU tensors
     flags = {**constexprs, "UPCAST": upcast, "PRECISION": _precision(x)}
     if upcast:
-        kernel = {"fwd": _lse_fwd_kernel, "rows": _grad_rows_kernel, "cols": _grad_cols_kernel}[name]
         meta = dict(_INTERPRETER_BLOCKS)
         if name == "fwd":
             del meta["BLOCK_DO"]
-        kernel[grid_of(meta)](*args, **flags, **meta)
+        _KERNELS[name][grid_of(meta)](*args, **flags, **meta)
     else:
         with torch.cuda.device(x.device):
             _cuda_kernel(name)[grid_of](*args, **flags)
@@ -267,7 +368,8 @@ def lse_forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor,
     _check_sizes(num_rows, num_cols, dim)
     scale = scale.reshape(1).contiguous()
     lse_rows = torch.empty(num_rows, dtype=torch.float32, device=rows.device)  # (B_rows,)
-    smallest = _INTERPRETER_BLOCKS["BLOCK_M"] if not rows.is_cuda else min(c[0] for c in _FWD_CONFIGS)
+    smallest = (_INTERPRETER_BLOCKS["BLOCK_M"] if not rows.is_cuda
+                else min(c[0] for kind in _FWD_CONFIGS.values() for c in kind))
     row_blocks_max = math.ceil(num_rows / smallest)  # room for the partials of any configuration's row blocks
     shape = (row_blocks_max, num_cols) if symmetric else (1,)
     col_max = torch.empty(shape, dtype=torch.float32, device=rows.device)  # (row blocks, B_cols), log2 units
