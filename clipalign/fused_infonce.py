@@ -334,18 +334,27 @@ def _precision(x: torch.Tensor) -> str:
     return "tf32"
 
 
-def _launch(name: str, grid_of, args: tuple, x: torch.Tensor, **constexprs) -> None:
-    """Run kernel `name` on `grid_of(meta)`, autotuned on CUDA, with the fixed small blocks in the interpreter."""
+def _launch(name: str, grid_of, args: tuple, x: torch.Tensor, fixed: tuple | None = None, **constexprs):
+    """Run kernel `name` on `grid_of(meta)`: autotuned on CUDA, with the fixed small blocks in the interpreter.
+
+    `fixed`, a (triton.Config, precision) pair, launches that configuration instead, on CUDA or in the interpreter
+    (check_every_config). Returns what triton's launch returns: the compiled kernel on CUDA.
+    """
     upcast = not x.is_cuda  # only the interpreter runs CPU tensors
-    flags = {**constexprs, "UPCAST": upcast, "PRECISION": _precision(x)}
-    if upcast:
+    config, precision = fixed if fixed is not None else (None, _precision(x))
+    flags = {**constexprs, "UPCAST": upcast, "PRECISION": precision}
+    if config is None and upcast:
         meta = dict(_INTERPRETER_BLOCKS)
         if name == "fwd":
             del meta["BLOCK_DO"]
-        _KERNELS[name][grid_of(meta)](*args, **flags, **meta)
-    else:
-        with torch.cuda.device(x.device):
-            _cuda_kernel(name)[grid_of](*args, **flags)
+        return _KERNELS[name][grid_of(meta)](*args, **flags, **meta)
+    if upcast:
+        return _KERNELS[name][grid_of(config.kwargs)](*args, **flags, **config.kwargs)
+    with torch.cuda.device(x.device):
+        if config is None:
+            return _cuda_kernel(name)[grid_of](*args, **flags)
+        return _KERNELS[name][grid_of(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                                      num_stages=config.num_stages)
 
 
 def _check_sizes(num_rows: int, num_cols: int, dim: int) -> None:
@@ -363,13 +372,24 @@ def lse_forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor,
         scale: the logit scale s, a one-element tensor on the same device (read by the kernel: no host sync).
         symmetric: also return the columns' log-sum-exp, from the same pass.
     """
+    lse_rows, lse_cols, _ = _lse_forward(rows, cols, scale, symmetric)
+    return lse_rows, lse_cols
+
+
+def _lse_forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, symmetric: bool,
+                 fixed: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+    """lse_forward, and the compiled kernel where triton returns it; `fixed` as in _launch."""
     rows, cols = rows.contiguous(), cols.contiguous()
     (num_rows, dim), num_cols = rows.shape, cols.shape[0]
     _check_sizes(num_rows, num_cols, dim)
     scale = scale.reshape(1).contiguous()
     lse_rows = torch.empty(num_rows, dtype=torch.float32, device=rows.device)  # (B_rows,)
-    smallest = (_INTERPRETER_BLOCKS["BLOCK_M"] if not rows.is_cuda
-                else min(c[0] for kind in _FWD_CONFIGS.values() for c in kind))
+    if fixed is not None:
+        smallest = fixed[0].kwargs["BLOCK_M"]
+    elif not rows.is_cuda:
+        smallest = _INTERPRETER_BLOCKS["BLOCK_M"]
+    else:
+        smallest = min(c[0] for kind in _FWD_CONFIGS.values() for c in kind)
     row_blocks_max = math.ceil(num_rows / smallest)  # room for the partials of any configuration's row blocks
     shape = (row_blocks_max, num_cols) if symmetric else (1,)
     col_max = torch.empty(shape, dtype=torch.float32, device=rows.device)  # (row blocks, B_cols), log2 units
@@ -380,15 +400,15 @@ def lse_forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor,
         used["BLOCK_M"] = meta["BLOCK_M"]
         return (triton.cdiv(num_rows, meta["BLOCK_M"]),)
 
-    _launch("fwd", grid, (rows, cols, scale, lse_rows, col_max, col_sum, num_rows, num_cols, dim), rows,
-            SYMMETRIC=symmetric)
+    kernel = _launch("fwd", grid, (rows, cols, scale, lse_rows, col_max, col_sum, num_rows, num_cols, dim), rows,
+                     fixed, SYMMETRIC=symmetric)
     if not symmetric:
-        return lse_rows, None
+        return lse_rows, None, kernel
     blocks = triton.cdiv(num_rows, used["BLOCK_M"])  # the row blocks the chosen configuration wrote
     col_max, col_sum = col_max[:blocks], col_sum[:blocks]  # (row blocks, B_cols)
     top = col_max.amax(dim=0)  # (B_cols,)
     lse_cols = (top + torch.log2((col_sum * torch.exp2(col_max - top)).sum(dim=0))) * _LN2
-    return lse_rows, lse_cols
+    return lse_rows, lse_cols, kernel
 
 
 def lse_backward(
@@ -406,22 +426,133 @@ def lse_backward(
     the gradient of sum_i grad_rows_i lse_rows_i (+ sum_j grad_cols_j lse_cols_j) with respect to the logits
     z = s * rows @ cols.T. The features' gradients are s times the two results; the scale's is rows . (first result).
     """
-    rows, cols = rows.contiguous(), cols.contiguous()
-    (num_rows, dim), num_cols = rows.shape, cols.shape[0]
-    _check_sizes(num_rows, num_cols, dim)
+    args = _backward_args(rows, cols, scale, lse_rows, grad_rows, lse_cols, grad_cols)
     symmetric = lse_cols is not None
-    scale = scale.reshape(1).contiguous()
+    return _grad_sum("rows", args, symmetric)[0], _grad_sum("cols", args, symmetric)[0]
+
+
+def _backward_args(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, lse_rows: torch.Tensor,
+                   grad_rows: torch.Tensor, lse_cols: torch.Tensor | None, grad_cols: torch.Tensor | None) -> tuple:
+    """The backward kernels' tensor arguments: contiguous, the vectors in fp32 (the columns' are the rows' when
+    not symmetric: never read)."""
+    rows, cols = rows.contiguous(), cols.contiguous()
+    _check_sizes(rows.shape[0], cols.shape[0], rows.shape[1])
     f32 = dict(dtype=torch.float32, device=rows.device)
     lse_rows, grad_rows = lse_rows.to(**f32).contiguous(), grad_rows.to(**f32).contiguous()
-    if symmetric:
+    if lse_cols is not None:
         lse_cols, grad_cols = lse_cols.to(**f32).contiguous(), grad_cols.to(**f32).contiguous()
     else:
-        lse_cols = grad_cols = lse_rows  # never read
-    out_rows = torch.empty(num_rows, dim, **f32)  # (B_rows, D)
-    out_cols = torch.empty(num_cols, dim, **f32)  # (B_cols, D)
-    args = (rows, cols, scale, lse_rows, grad_rows, lse_cols, grad_cols)
-    _launch("rows", lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_DO"])),
-            (*args, out_rows, num_rows, num_cols, dim), rows, SYMMETRIC=symmetric)
-    _launch("cols", lambda meta: (triton.cdiv(num_cols, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_DO"])),
-            (*args, out_cols, num_rows, num_cols, dim), rows, SYMMETRIC=symmetric)
-    return out_rows, out_cols
+        lse_cols = grad_cols = lse_rows
+    return rows, cols, scale.reshape(1).contiguous(), lse_rows, grad_rows, lse_cols, grad_cols
+
+
+def _grad_sum(name: str, args: tuple, symmetric: bool, fixed: tuple | None = None) -> tuple[torch.Tensor, object]:
+    """One backward kernel's result, (B_rows, D) for "rows" or (B_cols, D) for "cols" in fp32, and the compiled
+    kernel where triton returns it; `args` from _backward_args, `fixed` as in _launch."""
+    rows, cols = args[0], args[1]
+    (num_rows, dim), num_cols = rows.shape, cols.shape[0]
+    own, block = (num_rows, "BLOCK_M") if name == "rows" else (num_cols, "BLOCK_N")
+    out = torch.empty(own, dim, dtype=torch.float32, device=rows.device)  # (B_own, D)
+    kernel = _launch(name, lambda meta: (triton.cdiv(own, meta[block]), triton.cdiv(dim, meta["BLOCK_DO"])),
+                     (*args, out, num_rows, num_cols, dim), rows, fixed, SYMMETRIC=symmetric)
+    return out, kernel
+
+
+def check_every_config(device: str | torch.device, dims: tuple[int, ...] = (512,), dtype: torch.dtype = torch.bfloat16,
+                       rows: int = 1024, cols: int = 1000, precision: str | None = None,
+                       symmetric: tuple[bool, ...] = (True, False), seed: int = 0) -> list[dict]:
+    """Launch every candidate configuration of every kernel once, without autotuning, against float64 torch.
+
+    For the check on a GPU: each kernel runs each candidate of the operands' kind, also those the autotuner's prune
+    would drop (a failure there confirms the shared-memory estimate), on random L2-normalised features rounded to
+    `dtype`. The reference is torch in float64 on the same rounded features; the backward kernels are fed its
+    log-sum-exp, so each kernel is judged alone. A launch that faults the device leaves CUDA unusable in this
+    process: every launch after it then reports an error too, so the first error is the one to read.
+
+    Args:
+        device: "cuda", "cuda:N", or "cpu" under Triton's interpreter (TRITON_INTERPRET=1 set before triton imports).
+        dims: the feature widths D to check.
+        dtype: the features' dtype, which the products take (fp32, bf16 or fp16).
+        rows, cols: B_rows and B_cols.
+        precision: fp32 only: "tf32" or "ieee" (default: what the loss would use here, after torch's allow_tf32).
+        symmetric: the kernels' modes to check (one process, or rows against gathered columns).
+        seed: of the features and of the incoming gradients.
+
+    Returns:
+        One dict per kernel ("fwd", "rows", "cols"), configuration, D and mode: `config` (its block sizes,
+        num_warps, num_stages), `kind`, `dim`, `symmetric`, `ok`, `error` (the exception's text, or None),
+        `max_abs_error` and `max_abs_reference` per output ("lse rows", "lse cols"; "rows"; "cols"),
+        `shared_estimate` (bytes), `kept` (whether the autotuner would keep it on this device; None off CUDA), and
+        `shared`, `registers`, `spills` as the compiled kernel reports them (None where triton does not: interpreter).
+    """
+    if not available():
+        raise RuntimeError("triton is not importable")
+    device = torch.device(device)
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(f"{device}: the kernels run on CUDA, or on CPU with TRITON_INTERPRET=1 set before triton is "
+                         "imported")
+    if precision is None:
+        precision = _precision(torch.empty(0, dtype=dtype, device=device))
+    kind = _operands(dtype, precision)
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([20.0], device=device)
+    grads = torch.randn(rows, generator=gen).to(device), torch.randn(cols, generator=gen).to(device)
+    results = []
+    for dim in dims:
+        u = torch.nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=-1).to(device, dtype)
+        v = torch.nn.functional.normalize(torch.randn(cols, dim, generator=gen), dim=-1).to(device, dtype)
+        for sym in symmetric:
+            ref = _reference(u, v, scale, *grads, sym)
+            args = _backward_args(u, v, scale, ref["lse rows"].float(), grads[0],
+                                  ref["lse cols"].float() if sym else None, grads[1] if sym else None)
+            for name in ("fwd", "rows", "cols"):
+                candidates = _candidates(name, kind)
+                kept = (_fitting(name, candidates, dim, u.element_size(), sym, _max_shared(device))
+                        if device.type == "cuda" else None)
+                for config in candidates:
+                    if name == "fwd":
+                        run = functools.partial(_lse_forward, u, v, scale, sym, (config, precision))
+                        names = ("lse rows", "lse cols") if sym else ("lse rows",)
+                    else:
+                        run = functools.partial(_grad_sum, name, args, sym, (config, precision))
+                        names = (name,)
+                    row = {"kernel": name, "config": {**config.kwargs, "num_warps": config.num_warps,
+                                                      "num_stages": config.num_stages},
+                           "kind": kind, "dtype": str(dtype).removeprefix("torch."), "precision": precision,
+                           "dim": dim, "symmetric": sym, "rows": rows, "cols": cols,
+                           "shared_estimate": _shared_bytes(name, config, dim, u.element_size(), sym),
+                           "kept": None if kept is None else any(c is config for c in kept)}
+                    results.append({**row, **_run_one(run, names, ref)})
+    return results
+
+
+def _reference(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, grad_rows: torch.Tensor,
+               grad_cols: torch.Tensor, symmetric: bool) -> dict[str, torch.Tensor]:
+    """What the kernels compute, in float64: both log-sum-exps and both sums of the gradient G (lse_backward)."""
+    u, v = u.double(), v.double()
+    z = scale.double() * u @ v.T  # (B_rows, B_cols)
+    lse_rows, lse_cols = z.logsumexp(dim=1), z.logsumexp(dim=0)
+    grad = grad_rows.double()[:, None] * torch.exp(z - lse_rows[:, None])
+    if symmetric:
+        grad += grad_cols.double()[None, :] * torch.exp(z - lse_cols[None, :])
+    return {"lse rows": lse_rows, "lse cols": lse_cols, "rows": grad @ v, "cols": grad.T @ u}
+
+
+def _run_one(run, names: tuple[str, ...], ref: dict[str, torch.Tensor]) -> dict:
+    """Launch once; its errors against `ref` for `names`, or the exception's text; what the compiler reports."""
+    out = {"ok": False, "error": None, "max_abs_error": {}, "max_abs_reference": {}, "shared": None,
+           "registers": None, "spills": None}
+    try:
+        *values, kernel = run()
+        if values[0].is_cuda:
+            torch.cuda.synchronize(values[0].device)  # a fault of the launch surfaces here, not in a later one
+    except Exception as error:  # a compile or launch failure is a result to report
+        out["error"] = f"{type(error).__name__}: {error}"[-2000:]
+        return out
+    for key, value in zip(names, values):
+        out["max_abs_error"][key] = (value.double() - ref[key]).abs().max().item()
+        out["max_abs_reference"][key] = ref[key].abs().max().item()
+    metadata = getattr(kernel, "metadata", None)
+    out.update(ok=True, shared=getattr(metadata, "shared", None), registers=getattr(kernel, "n_regs", None),
+               spills=getattr(kernel, "n_spills", None))
+    return out

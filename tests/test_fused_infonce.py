@@ -238,3 +238,40 @@ def test_the_autotuner_prune_keeps_the_kind_of_operands_of_the_call(dtype, preci
         assert all(c in tuned.configs for c in kept)
     assert {c.kwargs["BLOCK_D"] for c in fi._candidates("rows", "ieee")} == {16}  # FMA products: thin slices
 
+
+EVERY_CONFIG = """
+import json, sys, torch
+from clipalign import fused_infonce
+rows = []
+for dtype, precision, dims in ((torch.bfloat16, None, (48, 128)), (torch.float32, "tf32", (48,)),
+                               (torch.float32, "ieee", (48,))):
+    rows += fused_infonce.check_every_config("cpu", dims=dims, dtype=dtype, rows=80, cols=70, precision=precision)
+with open(sys.argv[1], "w") as f:
+    json.dump(rows, f)
+"""
+
+
+@needs_triton
+@pytest.mark.slow
+def test_check_every_config_launches_each_candidate_in_the_interpreter(tmp_path):
+    from clipalign import fused_infonce as fi
+
+    out = tmp_path / "every.json"
+    proc = subprocess.run([sys.executable, "-c", EVERY_CONFIG, str(out)], env=_env(TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads(out.read_text())
+    launched = {(r["kind"], r["kernel"], r["dim"], r["symmetric"], json.dumps(r["config"])) for r in results}
+    widths = {"16-bit": 2, "tf32": 1, "ieee": 1}
+    expected = sum(len(fi._candidates(name, kind)) * count * 2 for kind, count in widths.items()  # 2 modes
+                   for name in ("fwd", "rows", "cols"))
+    assert len(results) == len(launched) == expected
+    for r in results:
+        assert r["ok"] and r["error"] is None, r
+        assert r["kept"] is None and r["shared"] is None  # no device to ask, no compiled kernel: the interpreter
+        lse = {"lse rows", "lse cols"} if r["symmetric"] else {"lse rows"}
+        assert set(r["max_abs_error"]) == (lse if r["kernel"] == "fwd" else {r["kernel"]})
+        tolerance = TOLERANCE["fp32" if r["dtype"] == "float32" else "bf16"]
+        for name, error in r["max_abs_error"].items():
+            bound = LSE_TOLERANCE if name.startswith("lse") else tolerance
+            assert error <= bound * r["max_abs_reference"][name], (r["kernel"], r["config"], r["dim"], name, error)
