@@ -17,11 +17,15 @@ def _step_names(argv: list[str], tmp_path) -> dict[str, list[str]]:
 
 def test_the_gpu_plan_covers_every_figure_of_the_issue(tmp_path):
     steps = _step_names([], tmp_path)
-    assert list(steps) == ["train-b32-b256", "train-b32-b512", "train-b16-b256",
-                           "train-b32-b256-notrim", "train-b32-b512-notrim", "train-b16-b256-notrim",
-                           "loss-16384", "loss-32768", "loss-65536", "decode",
+    # correctness first; then what one call must measure (ViT-B/32 and B/16 against the reference, decode, the loss)
+    assert list(steps) == ["check", "train-b32-b256", "train-b16-b256", "decode", "loss-32768", "check-triton",
+                           "train-b32-b512", "train-b32-b256-notrim", "train-b32-b512-notrim", "train-b16-b256-notrim",
+                           "loss-16384", "loss-65536",
                            "train-b32-b256-compile", "train-b32-b512-compile", "train-b16-b256-compile",
                            "train-b16-b256-fsdp"]
+    check = steps["check"]
+    assert check[check.index("--data") + 1] == "/data/train-{000..009}.tar" and "triton_configs" not in check
+    assert steps["check-triton"][-1] == "triton_configs"
     b512 = steps["train-b32-b512"]
     assert b512[b512.index("--model") + 1] == "ViT-B-32" and b512[b512.index("--batch-size") + 1] == "512"
     assert b512[b512.index("--workers") + 1] == "8" and b512[b512.index("--device") + 1] == "cuda"
@@ -114,3 +118,35 @@ def test_the_fsdp_training_step_runs_for_real_on_one_cpu_process(tmp_path):
     (step,) = json.loads((tmp_path / "out" / "gpu_report.json").read_text())["steps"]
     assert step["status"] == "ok", step["log_tail"]
     assert step["result"]["ours_args"] == ["train.sharding=fsdp"] and step["result"]["rows"][0]["ours"] > 0
+
+
+def test_the_check_runs_first_for_real_on_cpu_and_heads_the_report(tmp_path):
+    """The GPU check through the report, at smoke sizes on CPU: its CUDA-only parts say why they were skipped, the
+    rest pass, and the report puts the check's table above every figure."""
+    proc = subprocess.run([sys.executable, str(gr.TOOLS / "gpu_report.py"), "--out", str(tmp_path / "out"),
+                           "--device", "cpu", "--smoke", "--skip-reference", "--only", "check",
+                           "--cache", str(tmp_path / "cache")], cwd=gr.REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (step,) = json.loads((tmp_path / "out" / "gpu_report.json").read_text())["steps"]
+    assert step["status"] == "ok", step["log_tail"]
+    checks = step["result"]["checks"]
+    assert {name: r["status"] for name, r in checks.items()} == {
+        "stream_order": "skipped", "decode_pixels": "pass", "decode_training": "pass", "sync_free": "skipped",
+        "nonfinite": "pass"}
+    assert checks["stream_order"]["reason"].startswith("needs CUDA")
+    assert checks["decode_training"]["steps"] == 6 and checks["decode_training"]["nonfinite_steps"] == {
+        "workers": 0, "device": 0}
+    assert checks["nonfinite"]["changed_by_skipped_steps"] == [] and checks["nonfinite"]["skipped_steps_counted"] == 2
+    md = (tmp_path / "out" / "gpu_report.md").read_text()
+    assert md.startswith("| GPU check | status | time |") and "| decode_training | pass |" in md
+
+
+def test_synchronising_lines_are_read_from_a_runs_warnings():
+    gc = load_tool("gpu_check")
+    stderr = ("/x/clipalign/data/device_decode.py:412: UserWarning: called a synchronizing CUDA operation "
+              "(Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:151.)\n  self.stream.synchronize()\n"
+              "/x/clipalign/train.py:700: UserWarning: called a synchronizing CUDA operation\n"
+              "/x/clipalign/data/device_decode.py:412: UserWarning: called a synchronizing CUDA operation\n"
+              "/x/other.py:3: UserWarning: something else\n")
+    assert gc.sync_sites(stderr) == ["/x/clipalign/data/device_decode.py:412", "/x/clipalign/train.py:700"]

@@ -5,10 +5,14 @@ On the GPU machine (see the GPU notes beside the project: `preamble.sh` installs
 
     source .gpu/preamble.sh && python3 tools/gpu_report.py --out $OUT --reference-venv /tmp/refvenv
 
-It runs the project's own benchmark scripts, each in a subprocess with a time limit, inside one time budget
-(`--budget-s`, default 450 s, so that the whole report fits a device session with room for start-up):
+It runs the project's own check and benchmark scripts, each in a subprocess with a time limit, inside one time budget
+(`--budget-s`, default 450 s, so that the whole report fits a device session with room for start-up). Correctness
+comes before speed: the first step is the GPU check, and a report whose check failed says so above every figure.
 
 1. data: synthetic 224 px training shards, drawn by `--draw-processes` processes at once.
+   check: `tools/gpu_check.py` on those shards (stream order of the device decoder, its pixels, 200 steps with
+   device decode against the workers, a training step with no host wait, the non-finite guard); `check-triton`, its
+   launch of every Triton configuration, runs after the training and loss figures below.
 2. training throughput, ours against open_clip_train in the same run (`tools/benchmark_train.py`, bf16, 1 repeat):
    ViT-B/32 at batch 256 and 512, ViT-B/16 at batch 256, `--workers` DataLoader workers on both sides; with our
    MFU and the fraction of time spent waiting for data (`data_wait`), medians over the logged windows; then ours
@@ -116,8 +120,26 @@ def _train_configs(args: argparse.Namespace) -> list[dict]:
             {"key": "b16-b256", "model": "ViT-B-16", "batch": 256}]
 
 
+def _check_steps(args: argparse.Namespace, data: dict[int, str], out: Path) -> tuple[Step, Step]:
+    """The GPU check, first (all but the Triton configurations), and its launch of every Triton configuration."""
+    size = 64 if args.smoke else 224
+    check = [sys.executable, str(TOOLS / "gpu_check.py"), "--device", args.device, "--workers", str(args.workers),
+             "--precision", args.precision, "--work", str(args.cache / "check")]
+    if args.smoke:
+        check.append("--smoke")
+    first = Step("check", "GPU check: correctness of the fast paths",
+                 [*check, "--data", data.get(size, ""), "--out", str(out / "check"), "--only", "stream_order",
+                  "decode_pixels", "decode_training", "sync_free", "nonfinite"],
+                 120 if args.smoke else 240, out / "check" / "gpu_check.json")
+    triton = Step("check-triton", "GPU check: every Triton configuration launched once",
+                  [*check, "--out", str(out / "check-triton"), "--only", "triton_configs"],
+                  60 if args.smoke else 150, out / "check-triton" / "gpu_check.json")
+    return first, triton
+
+
 def plan(args: argparse.Namespace, data: dict[int, str], out: Path) -> list[Step]:
-    """The steps in the order they run (most wanted first)."""
+    """The steps in the order they run: the check, then the figures the issue asks for first (ViT-B/32 and ViT-B/16
+    against open_clip_train, decode, the loss at 32k), then the rest."""
     py = [sys.executable]
     steps_per_run = args.train_steps
     common = ["--precision", args.precision, "--repeats", "1", "--workers", str(args.workers), "--threads",
@@ -163,6 +185,11 @@ def plan(args: argparse.Namespace, data: dict[int, str], out: Path) -> list[Step
     out_steps.append(Step("decode", "JPEG decode + crop + resize", [*decode, "--json", str(out / "decode.json")],
                           60 if args.smoke else 120, out / "decode.json"))
     out_steps += variant("train.compile=true", "compile")
+    check, check_triton = _check_steps(args, data, out)
+    first = ["train-b32-b256", "train-b16-b256", "train-tiny-b16", "decode", "loss-32768", "loss-512"]
+    ranked = sorted(out_steps, key=lambda s: first.index(s.name) if s.name in first else len(first))
+    at = max(i for i, s in enumerate(ranked) if s.name in first) + 1
+    out_steps = [check, *ranked[:at], check_triton, *ranked[at:]]
     # FSDP beside DDP on the largest model only, last (the first step dropped when the budget runs short)
     fsdp_base = next((s for s in trainings if s.name == "train-b16-b256"), trainings[-1])
     cut = fsdp_base.argv.index("--json")
@@ -209,8 +236,8 @@ def run_step(step: Step, logs: Path, remaining_s: float) -> None:
             step.status = f"timed out ({limit:.0f} s)"
     step.seconds = round(time.monotonic() - start, 1)
     step.log_tail = log.read_text(errors="replace")[-2000:]
-    if step.status == "ok" and step.json_path.exists():
-        step.result = json.loads(step.json_path.read_text())
+    if step.json_path.exists() and not step.status.startswith("timed out"):
+        step.result = json.loads(step.json_path.read_text())  # a check that failed has its findings written too
     elif step.status == "ok":
         step.status = "failed (no JSON)"
 
@@ -229,7 +256,8 @@ def _num(x: float | None, fmt: str = "{:.0f}") -> str:
 def markdown(steps: list[Step], env: dict) -> str:
     """The rows for docs/benchmarks.md: training, loss and decode tables, and what was not measured."""
     by_name = {s.name: s for s in steps}
-    lines = [f"Measured with `python3 tools/gpu_report.py` on {env.get('device_name', '?')} "
+    lines = _check_lines(steps)
+    lines += [f"Measured with `python3 tools/gpu_report.py` on {env.get('device_name', '?')} "
              f"(torch {env.get('torch', '?')}, {env.get('cpus', '?')} CPU cores), {env.get('date', '?')}; "
              f"one repeat per configuration, medians over logged windows.", "",
              "| configuration | ours samples/s | open_clip_train samples/s | ratio | ours MFU | ours data wait "
@@ -271,7 +299,27 @@ def markdown(steps: list[Step], env: dict) -> str:
     missing = [f"{s.name}: {s.status}" for s in steps if s.status != "ok"]
     if missing:
         lines += ["", "Not measured in this run: " + "; ".join(missing) + "."]
+        rest = [s.name for s in steps if s.status != "ok"]
+        lines += ["", "To measure what is missing: `source .gpu/preamble.sh && python3 tools/gpu_report.py --out $OUT "
+                  f"--reference-venv /tmp/refvenv --only {' '.join(rest)}`"]
     return "\n".join(lines) + "\n"
+
+
+def _check_lines(steps: list[Step]) -> list[str]:
+    """The GPU check's table, ahead of every figure, and a warning if it failed or did not run."""
+    checks = [s for s in steps if s.name.startswith("check")]
+    lines = []
+    for step in checks:
+        if isinstance(step.result, dict) and "checks" in step.result:
+            for name, r in step.result["checks"].items():
+                lines.append(f"| {name} | {r.get('status', '?')} | {r.get('seconds', '–')} s |")
+    if lines:
+        lines = ["| GPU check | status | time |", "| --- | --- | --- |", *lines, ""]
+    failed = [f"{s.name}: {s.status}" for s in checks if s.status != "ok"]
+    if failed:
+        lines = [f"**The GPU check did not pass ({'; '.join(failed)}): the figures below are not trusted until it "
+                 f"does.**", "", *lines]
+    return lines
 
 
 def _ratio(ours: float | None, ref: float | None) -> str:
@@ -329,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     samples = max(c["batch"] for c in _train_configs(args)) * args.train_steps
     size = 64 if args.smoke else 224
-    if args.only and not any(name.startswith("train-") for name in args.only):
+    if args.only and not any(name.startswith("train-") or name == "check" for name in args.only):
         data = {size: ""}  # no training step: no shards to draw
     else:
         data = {size: draw_shards(args.cache / "shards", samples, size, args.draw_processes)}
