@@ -13,6 +13,7 @@ import copy
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,61 @@ def compile_blocks(model: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+class CompileReport:
+    """What torch.compile did in this process from the report's creation on: the graphs dynamo compiled (first
+    compilations and recompilations, one cache entry each) and the functions it stopped compiling.
+
+    Dynamo compiles a function at most `torch._dynamo.config.recompile_limit` times; past that it compiles nothing
+    more of it for the rest of the process, and every variant it has not compiled yet (a grad mode, shape, dtype,
+    mask or module mode) runs eagerly: slower, with the same results, said in one log line among many. Here each such
+    fallback is warned about once, naming the function, the limit and the guard that failed last.
+    """
+
+    def __init__(self) -> None:
+        _listen_for_fallbacks()
+        self._graphs_before = _compiled_graphs()
+        self._fallbacks_before = len(_FALLBACKS)
+
+    def summary(self) -> dict[str, Any]:
+        """`graphs` compiled so far and `fallbacks`, one line per function that fell back to eager (none, normally)."""
+        return {"graphs": _compiled_graphs() - self._graphs_before, "fallbacks": _FALLBACKS[self._fallbacks_before:]}
+
+
+_FALLBACKS: list[str] = []  # every function dynamo stopped compiling in this process: "function: limit; last reason"
+
+
+class _FallbackWarnings(logging.Handler):
+    """Turns dynamo's "hit config.recompile_limit" warning into an entry of `_FALLBACKS` and a Python warning."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith("torch._dynamo hit config."):
+            return
+        lines = [line.strip() for line in record.getMessage().splitlines()]
+        limit = lines[0].removeprefix("torch._dynamo hit config.")  # e.g. "recompile_limit (8)"
+        function = next((line.removeprefix("function:").strip() for line in lines if line.startswith("function:")),
+                        "a compiled function")
+        reason = next((" ".join(line.removeprefix("last reason:").split()) for line in lines
+                       if line.startswith("last reason:")), "not given")
+        _FALLBACKS.append(f"{function}: {limit}; last reason: {reason}")
+        warnings.warn(f"torch.compile stopped compiling {function}: it reached dynamo's {limit}, and its variants not "
+                      f"compiled yet run eagerly from now on (slower, same results). The guard that failed last: "
+                      f"{reason}. TORCH_LOGS=recompiles lists every recompilation and its cause", stacklevel=1)
+
+
+def _listen_for_fallbacks() -> None:
+    """Attach `_FallbackWarnings` to dynamo's logger, once per process."""
+    dynamo_log = logging.getLogger("torch._dynamo")
+    if not any(isinstance(h, _FallbackWarnings) for h in dynamo_log.handlers):
+        dynamo_log.addHandler(_FallbackWarnings())
+
+
+def _compiled_graphs() -> int:
+    """Frames dynamo has compiled in this process (its own tally: one per cache entry)."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"]
 
 
 def vision_tokens(visual: nn.Module) -> int | None:

@@ -392,3 +392,20 @@ def test_compile_blocks_compiles_each_transformer_block_in_place():
     assert compiled == len(inner) > 0
     assert not any(any(c is not m and getattr(c, "_compiled_call_impl", None) is not None for c in m.modules())
                    for m in inner)
+
+
+def test_compile_report_warns_once_when_dynamo_stops_compiling_a_function():
+    from clipalign.model import CompileReport
+
+    def scaled(x: torch.Tensor, k: int) -> torch.Tensor:
+        return x * k
+
+    report = CompileReport()
+    compiled = torch.compile(scaled, backend="eager", dynamic=False)  # a graph per k
+    with torch._dynamo.config.patch(recompile_limit=2), \
+            pytest.warns(UserWarning, match=r"stopped compiling 'scaled'.*recompile_limit \(2\).*k == 1") as caught:
+        for k in range(4):
+            assert torch.equal(compiled(torch.ones(2), k), torch.full((2,), float(k)))  # eager from k=2 on
+    assert sum("stopped compiling" in str(w.message) for w in caught) == 1
+    summary = report.summary()
+    assert summary["graphs"] == 2 and len(summary["fallbacks"]) == 1 and "'scaled'" in summary["fallbacks"][0]
