@@ -142,7 +142,9 @@ class DualEncoder(nn.Module):
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(token_ids).to(cast_dtype)  # (B, L, width)
         x = x + clip.positional_embedding[:length].to(cast_dtype)
-        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+        # contiguous, like a full-length batch's whole mask: compiled blocks then meet one stride layout at every
+        # length (with a strided slice, full-length batches needed a graph of their own)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length].contiguous()))
         x = text_global_pool(x, token_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         if clip.text_projection is not None:
             x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection

@@ -394,6 +394,29 @@ def test_compile_blocks_compiles_each_transformer_block_in_place():
                    for m in inner)
 
 
+def _ids_of_length(model, rows: int, length: int) -> torch.Tensor:
+    """Token ids (rows, context length) whose captions fill `length` positions, SOT and EOT included."""
+    ids = torch.zeros(rows, model.context_length, dtype=torch.long)
+    ids[:, 0], ids[:, 1:length - 1], ids[:, length - 1] = 49406, 320, 49407
+    return ids
+
+
+def test_compiled_text_blocks_need_two_graphs_for_every_text_length():
+    """trim_padding's lengths, the whole context included (open_clip's own encode_text, its whole mask), run on two
+    graphs of the text blocks: the first length's and one with dynamic length. A full-length batch used to need a
+    third, for the mask's other strides."""
+    from clipalign.model import CompileReport, trim_padding
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="tiny-vit-64"))
+    for block in model.clip.transformer.resblocks:  # as compile_blocks does, without inductor's code generation
+        block.compile(backend="aot_eager")
+    report = CompileReport()
+    for length in (16, 24, 32, 8):
+        model.encode_text(trim_padding(_ids_of_length(model, 2, length))).sum().backward()
+    assert report.summary() == {"graphs": 2, "fallbacks": []}
+
+
 def test_compile_report_warns_once_when_dynamo_stops_compiling_a_function():
     from clipalign.model import CompileReport
 
