@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -218,30 +219,47 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of both towers, in module order: each member of a `ModuleList` or `Sequential` of at
     least two modules of one class (open_clip's `resblocks`, timm's `blocks`, a ConvNeXt's stages). Lists inside a
     block are part of it. Towers without such lists contribute nothing."""
-    blocks: list[nn.Module] = []
+    return [block for blocks in _block_lists(model) for block in blocks]
+
+
+def _block_lists(model: nn.Module) -> list[list[nn.Module]]:
+    """`transformer_blocks`, one list per `ModuleList` or `Sequential` they come from."""
+    lists: list[list[nn.Module]] = []
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(done + ".") for done in inside):
             continue
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2 \
                 and len({type(m) for m in module}) == 1:
-            blocks.extend(module)
+            lists.append(list(module))
             inside.extend(f"{name}.{index}" for index in range(len(module)))
-    return blocks
+    return lists
+
+
+# a region of its own per compiled stage where torch.compile offers it (torch 2.14: `isolate_recompiles`)
+_OWN_REGION = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters \
+    else {}
 
 
 def compile_blocks(model: nn.Module) -> int:
     """Regional compilation: `torch.compile` each transformer block of both towers in place; returns how many.
 
-    The blocks are `transformer_blocks(model)`. Blocks of one class share their compiled code (parameters are graph
-    inputs), so compiling costs about what one block of each tower costs, and a new text length recompiles one small
-    graph (then runs with dynamic shapes) rather than the whole model. Parameter names do not change. Towers without
-    such blocks (convolutional ones) are left eager.
+    The blocks are `transformer_blocks(model)`. Dynamo keeps its graphs per code object, so blocks of one class share
+    them (parameters are graph inputs; open_clip's image and text towers both use `ResidualAttentionBlock`):
+    compiling costs about one block per tower, and a new text length recompiles one small graph, which then runs
+    with dynamic shapes. One code object holds at most `torch._dynamo.config.recompile_limit` (8) graphs; training
+    needs 3 per grad mode (the image tower's; the text tower's at its first length, then with dynamic length), so 6
+    with `train.accum_steps` > 1, whose first forward runs without gradients. Blocks of one list that differ in shape
+    (a ConvNeXt's stages) get a static graph each, in a region of their own: their shapes differ by stage, not by
+    batch, and inductor fails on the dynamic-channel graph that automatic dynamic shapes would make of them.
+    Parameter names do not change. Towers without such blocks are left eager.
     """
-    blocks = transformer_blocks(model)
-    for block in blocks:
-        block.compile()
-    return len(blocks)
+    lists = _block_lists(model)
+    for blocks in lists:
+        alike = len({tuple(p.shape for p in block.parameters()) for block in blocks}) == 1
+        for block in blocks:
+            block.compile() if alike else block.compile(dynamic=False, **_OWN_REGION)
+    return sum(len(blocks) for blocks in lists)
 
 
 class CompileReport:

@@ -417,6 +417,24 @@ def test_compiled_text_blocks_need_two_graphs_for_every_text_length():
     assert report.summary() == {"graphs": 2, "fallbacks": []}
 
 
+@pytest.mark.slow
+def test_compiled_convnext_stages_train_with_a_static_graph_each():
+    """A ConvNeXt's stages are blocks of one class that differ in shape: automatic dynamic shapes made them a
+    dynamic-channel graph that inductor failed to compile. Each stage has a static graph now, with eager's results."""
+    from clipalign.model import CompileReport, compile_blocks
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="tiny-convnext-64"))
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    want = model.encode_image(images)
+    compile_blocks(model)
+    report = CompileReport()
+    got = model.encode_image(images)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert report.summary() == {"graphs": len(model.clip.visual.trunk.stages), "fallbacks": []}
+
+
 def test_compile_report_warns_once_when_dynamo_stops_compiling_a_function():
     from clipalign.model import CompileReport
 
