@@ -249,10 +249,11 @@ def compile_blocks(model: nn.Module) -> int:
     compiling costs about one block per tower, and a new text length recompiles one small graph, which then runs
     with dynamic shapes. One code object holds at most `torch._dynamo.config.recompile_limit` (8) graphs; training
     needs 3 per grad mode (the image tower's; the text tower's at its first length, then with dynamic length), so 6
-    with `train.accum_steps` > 1, whose first forward runs without gradients. Blocks of one list that differ in shape
-    (a ConvNeXt's stages) get a static graph each, in a region of their own: their shapes differ by stage, not by
-    batch, and inductor fails on the dynamic-channel graph that automatic dynamic shapes would make of them.
-    Parameter names do not change. Towers without such blocks are left eager.
+    with `train.accum_steps` > 1, whose first forward runs without gradients; the trainer evaluates and validates
+    eagerly, adding none. Blocks of one list that differ in shape (a ConvNeXt's stages) get a static graph each, in a
+    region of their own: their shapes differ by stage, not by batch, and inductor fails on the dynamic-channel graph
+    that automatic dynamic shapes would make of them. Parameter names do not change. Towers without such blocks are
+    left eager.
     """
     lists = _block_lists(model)
     for blocks in lists:

@@ -58,7 +58,7 @@ from clipalign.layout import (
     write_atomic,
 )
 from clipalign.loss import build_loss
-from clipalign.model import compile_blocks, create_model, trim_padding, use_matmul_patch_embed
+from clipalign.model import CompileReport, compile_blocks, create_model, trim_padding, use_matmul_patch_embed
 from clipalign.sharding import clip_grad_norm, full_state_dict, is_sharded, shard_model, sync_replicated_grads
 from clipalign.tokenizer import SentencePieceTokenizer, Tokenizer
 
@@ -562,6 +562,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     if cfg.train.compile:
         # in place: the modules keep their parameter names, so checkpoints and exports are unchanged
         model.compile() if cfg.train.compile_scope == "model" else compile_blocks(model)
+    compile_report = CompileReport() if cfg.train.compile else None  # warns if a function falls back to eager
     if sharded:  # after compiling the blocks, before the optimizer: it must hold the shards
         shard_model(model, accelerator.device, cfg.train.precision, offload=cfg.train.fsdp_offload)
     loss_fn = build_loss(cfg.loss)
@@ -764,6 +765,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         else raw_model
     if is_main:
         summary.update(_evaluate_and_export(cfg, eval_model, final, metrics_path))
+        if compile_report is not None:
+            summary["compile"] = compile_report.summary()
         accelerator.print(json.dumps(summary, indent=2))
         write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
@@ -790,6 +793,7 @@ def _whole_model(cfg: Config, model, device: torch.device):
     return whole.to(device)
 
 
+@torch.compiler.set_stance("force_eager")  # as _evaluate
 def _validate(cfg: Config, accelerator: Accelerator, model, loss_fn, memory_format: torch.memory_format, step: int,
               metrics_path: Path, log_with: str | None) -> dict:
     """Validate on data.val with the training's loss and batches (every process; see clipalign.validate), log the
@@ -807,6 +811,10 @@ def _validate(cfg: Config, accelerator: Accelerator, model, loss_fn, memory_form
     return result
 
 
+# eagerly under train.compile: these no-grad, eval-mode passes, at batch sizes and text lengths of their own, would
+# need graphs beside training's within each compiled block's recompile limit (compile_blocks counts training's), to
+# speed up passes that spend their time decoding images
+@torch.compiler.set_stance("force_eager")
 def _evaluate(cfg: Config, model) -> dict:
     """The configured evaluations: {"zeroshot": classification results, "retrieval": retrieval results}."""
     from clipalign.evaluate import resolve_lines, zero_shot_classification, zero_shot_retrieval

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -142,15 +143,30 @@ def test_a_launch_asking_for_fsdp_or_deepspeed_stops_before_training(tmp_path):
     assert not run.exists() and not (tmp_path / "cache").exists()  # nothing was drawn, written or trained
 
 
+def _val_shard(root: Path, count: int = 32) -> str:
+    """A shard of `count` captioned 64-px samples for data.val."""
+    from clipalign.data.synthetic import draw_sample
+    from clipalign.data.writer import image_to_bytes, write_shards
+
+    samples = []
+    for i in range(count):
+        image, caption, _ = draw_sample(random.Random(1000 + i))
+        samples.append({"__key__": f"{i:06d}", "jpg": image_to_bytes(image), "txt": caption})
+    return str(write_shards(samples, root, prefix="val", samples_per_shard=count)[0])
+
+
 @pytest.mark.slow
 def test_compile_and_channels_last_train_the_same_model(tmp_path):
     """train.compile (each transformer block), train.channels_last and the matmul patch embedding change how the step
-    runs, not what it computes or saves."""
+    runs, not what it computes or saves. The compiled run also validates and evaluates, during training and at the
+    end (eagerly, by design): it compiles a bounded handful of graphs, and nothing falls back to eager."""
     env = _env(tmp_path)
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")  # where compiled kernels land: proof it compiled
-    common = [str(QUICKSTART), *SMALL, "train.steps=4", "export.dir=", "train.log_with=none"]
+    common = [str(QUICKSTART), *SMALL, "train.steps=4", "export.dir=", "train.log_with=none",
+              *_tiny_eval_sets(tmp_path / "eval")]
     runs = {}
-    compiled = ["train.compile=true", "train.channels_last=true", "train.patch_embed=matmul"]
+    compiled = ["train.compile=true", "train.channels_last=true", "train.patch_embed=matmul",
+                f"data.val={_val_shard(tmp_path / 'val')}", "eval.val_every=2", "eval.val_samples=32", "eval.every=2"]
     for name, flags in {"eager": [], "compiled": compiled}.items():
         runs[name] = tmp_path / name
         cmd = [sys.executable, "-m", "clipalign.train", *common, f"train.output_dir={runs[name]}", *flags]
@@ -166,6 +182,15 @@ def test_compile_and_channels_last_train_the_same_model(tmp_path):
         with safe_open(str(latest_checkpoint(run) / "model.safetensors"), "pt") as f:
             keys[name] = set(f.keys())
     assert keys["compiled"] == keys["eager"] and not any("_orig_mod" in k for k in keys["compiled"])
+    records = _metrics(runs["compiled"])
+    assert [r["step"] for r in records if "val" in r] == [2, 4]
+    assert [r["step"] for r in records if "zeroshot" in r] == [2, 4] == [r["step"] for r in records if "retrieval" in r]
+    # the blocks' graphs are training's: the image tower's and the text tower's (at its first length, then with
+    # dynamic length, if the length changed). Evaluation and validation run eagerly: compiled, they added 3 graphs
+    # to this run's, within the limit of 8 per code object that training's graphs count against too
+    summary = json.loads((runs["compiled"] / "summary.json").read_text())
+    assert summary["compile"]["fallbacks"] == [] and 2 <= summary["compile"]["graphs"] <= 3
+    assert "compile" not in json.loads((runs["eager"] / "summary.json").read_text())
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "unfused-waits"])
