@@ -181,7 +181,10 @@ class TrainConfig:
     # numpy (seeded by Accelerate's set_seed) takes only 32-bit unsigned seeds
     seed: int = _key(0, "model init and data order; each process and worker derives its own", "[0, 4294967295]")
     output_dir: str = _key("runs/clipalign", "the run directory")
-    resume: str = _key("", 'checkpoint directory, or "auto" for the latest one in output_dir/checkpoints')
+    resume: str = _key("", 'checkpoint directory, or "auto" for the latest one in output_dir/checkpoints (a fresh '
+                           'start when there is none)')
+    overwrite: bool = _key(False, "start over in an output_dir that holds an earlier run: delete its checkpoints, "
+                                  "metrics, summary, logs and export first (without it such a run is refused)")
     accum_steps: int = _key(1, "micro-batches per optimizer step, scored together", ">= 1")
     log_every: int = _key(10, "steps between metric lines", ">= 1")
     checkpoint_every: int = _key(0, "steps between checkpoints; 0 = only at the end", ">= 0")
@@ -236,7 +239,8 @@ EXPORT_FORMATS = ("open_clip", "transformers")
 
 @dataclass
 class ExportConfig:
-    dir: str = _key("", 'export the trained encoders here at the end of training; "" = no export')
+    dir: str = _key("", 'export the trained encoders here at the end of training, inside the run directory when '
+                        'relative (e.g. export = RUN/export); "" = no export')
     onnx: bool = _key(False, "also write ONNX encoders")
     format: str = _key("open_clip", "open_clip (the local-dir: files) | transformers (those plus CLIPModel and "
                                     "CLIPProcessor files in the same directory); clipalign-export's default for "

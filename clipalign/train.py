@@ -3,46 +3,44 @@
     python -m clipalign.train RECIPE.yaml [section.key=value ...]
     accelerate launch -m clipalign.train RECIPE.yaml [section.key=value ...]
     clipalign-train RECIPE.yaml [section.key=value ...]
+
+`_train` reads as a run does: the checks of everything the run reads (`clipalign.preflight`), the model and what
+trains it (`_build`), the run directory (`_take_run_dir`), the resumed state (`_resume`), the data (`_data`), then the
+loop, whose body is one step, and the end of the run (`_finish`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import platform
 import sys
 import time
+import traceback
 import warnings
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-import braceexpand
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env, set_seed
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from clipalign.accumulate import forward_backward
 from clipalign.checkpoint import (
     CheckpointError,
     CheckpointSaveError,
-    latest_checkpoint,
     load_training_state,
     read_trainer_state,
-    resolve_checkpoint,
     rng_restore_error,
     save_checkpoint,
     save_sharded_state,
 )
-from clipalign.config import Config, ConfigError, describe_keys, load_config, read_config, shareable_config
-from clipalign.data.curation import FILTER_REASON_NAMES, SampleFilter
+from clipalign.config import Config, ConfigError, describe_keys, load_config, shareable_config
+from clipalign.data.curation import SampleFilter
 from clipalign.data.device_decode import DeviceDecoder, resolve_decode
-from clipalign.data.sample import STREAM_SKIP_REASONS as SKIP_REASONS  # one list, in clipalign.data.sample
-from clipalign.data.shards import DataSourceError, expand_sources, make_train_loader
+from clipalign.data.shards import DataSourceError, make_train_loader
 from clipalign.data.synthetic import make_synthetic_dataset
 from clipalign.layout import (
     METRICS_FILE,
@@ -58,11 +56,26 @@ from clipalign.layout import (
     write_atomic,
 )
 from clipalign.loss import build_loss
-from clipalign.model import CompileReport, compile_blocks, create_model, trim_padding, use_matmul_patch_embed
+from clipalign.model import (
+    CompileReport,
+    DualEncoder,
+    compile_blocks,
+    create_model,
+    trim_padding,
+    use_matmul_patch_embed,
+)
+from clipalign.monitor import MetricsWindow, NonfiniteGuard, known_peak_tflops, sync_debug
+from clipalign.optim import apply_optimizer_settings, build_optimizer, optimizer_settings
+from clipalign.preflight import check_run, expand_shards, export_dir, start_over
 from clipalign.sharding import clip_grad_norm, full_state_dict, is_sharded, shard_model, sync_replicated_grads
 from clipalign.tokenizer import SentencePieceTokenizer, Tokenizer
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class RunEndError(RuntimeError):
+    """The run trained and saved its last checkpoint, but something at its end (an evaluation, the export) failed:
+    the message says what, and the command that redoes it."""
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -104,28 +117,6 @@ def cpu_precision(precision: str, native_bf16: bool | None) -> tuple[str, str]:
                     "train.precision=fp32 to silence this; bf16 pays off on GPUs and on CPUs with AVX-512 BF16 or AMX")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on gains, biases, norms and the logit scale (anything below 2-D), as in CLIP."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warmup to 1, then cosine decay to `min_ratio`, as a multiplier of the base lr per step."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
 def _prepare_data(cfg: Config, accelerator: Accelerator, image_size: int) -> None:
     """Fill in data.train (and eval.zeroshot, eval.retrieval) from the synthetic set when the recipe asks for it."""
     if cfg.data.train or not cfg.data.synthetic:
@@ -149,110 +140,6 @@ def _eval_set(cfg: Config, kind: str) -> str:
 
 def _evaluates(cfg: Config) -> bool:
     return bool(_eval_set(cfg, "zeroshot") or _eval_set(cfg, "retrieval"))
-
-
-def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
-    if not cfg.train.resume:
-        return None
-    if cfg.train.resume == "auto":
-        return latest_checkpoint(run_dir)  # None on a fresh run: start from scratch
-    try:
-        return resolve_checkpoint(cfg.train.resume)
-    except FileNotFoundError as e:
-        raise ConfigError(f"train.resume: {e}") from None
-
-
-def _expand_train_sources(spec: str, key: str = "data.train") -> list[list[str]]:
-    """`expand_sources`, with a missing shard or an empty pattern reported as the recipe error it is."""
-    try:
-        return expand_sources(spec, key)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(str(e)) from None
-
-
-def _check_val(cfg: Config, world: int) -> None:
-    """data.val's shards exist (local ones), and eval.val_samples fills at least one global batch of validation."""
-    if not cfg.data.val:
-        if cfg.eval.val_every:
-            raise ConfigError(f"eval.val_every={cfg.eval.val_every} validates on data.val, which is not set")
-        return
-    _expand_train_sources(cfg.data.val, "data.val")
-    val_batch = cfg.data.batch_size * cfg.train.accum_steps * world  # the rows a training loss is computed over
-    if cfg.eval.val_samples < val_batch:
-        raise ConfigError(f"eval.val_samples={cfg.eval.val_samples} is less than one global batch of validation, "
-                          f"the training's: data.batch_size x train.accum_steps x {world} processes = {val_batch}")
-
-
-def _check_eval_sources(cfg: Config) -> None:
-    """The evaluation sets named in the recipe exist (local ones): found now, not after the training."""
-    for key in ("zeroshot", "retrieval", "classnames", "templates"):
-        value = getattr(cfg.eval, key)
-        if not value or value == "none" or "://" in value or value.startswith("pipe:"):
-            continue
-        if key in ("classnames", "templates") and not any(sep in value for sep in "/\\.") :
-            continue  # a built-in set (cifar10, imagenet1k, ...): checked when it is read
-        missing = [p for p in braceexpand.braceexpand(value) if not os.path.exists(p)]
-        if missing:
-            raise ConfigError(f"eval.{key}: {value!r} does not exist" + (f" ({len(missing)} paths, e.g. {missing[0]})"
-                                                                         if missing != [value] else ""))
-
-
-# model keys that may change between a checkpoint and the run resuming from it: they change no parameter
-RESUMABLE_MODEL_KEYS = ("grad_checkpointing", "patch_dropout", "pretrained", "pretrained_image")
-
-
-def _check_resumable(cfg: Config, ckpt: Path) -> None:
-    """Refuse a checkpoint of another model (or loss kind) before building anything, naming what differs."""
-    saved_path = ckpt / RUN_CONFIG_FILE
-    if not saved_path.is_file():
-        return  # an old checkpoint without its config: the weights' shapes are the only check
-    saved = read_config(saved_path)
-    ours, theirs = cfg.to_dict(), saved.to_dict()
-    differing = [f"model.{key} ({theirs['model'][key]!r} in the checkpoint, {ours['model'][key]!r} here)"
-                 for key in ours["model"] if key not in RESUMABLE_MODEL_KEYS and ours["model"][key] !=
-                 theirs["model"].get(key)]
-    if ours["loss"]["kind"] != theirs["loss"]["kind"]:
-        differing.append(f"loss.kind ({theirs['loss']['kind']!r} in the checkpoint, {ours['loss']['kind']!r} here)")
-    if differing:
-        raise CheckpointError(f"cannot resume from {ckpt}: it is a checkpoint of another model: "
-                              f"{'; '.join(differing)}. Resume with the checkpoint's settings, or start a new run "
-                              f"(another train.output_dir, or train.resume='')")
-
-
-_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "fused")
-
-
-def _optimizer_settings(optimizer, scheduler) -> dict:
-    """This run's optimizer hyperparameters per group and the schedule's base rates, as built from the recipe."""
-    scheduler = getattr(scheduler, "scheduler", scheduler)  # the torch scheduler inside Accelerate's wrapper
-    return {"groups": [{k: g[k] for k in _OPTIMIZER_KEYS if k in g} for g in optimizer.param_groups],
-            "base_lrs": list(scheduler.base_lrs)}
-
-
-def _apply_optimizer_settings(optimizer, scheduler, recipe: dict, ckpt: Path) -> str:
-    """Put the recipe's optimizer settings back over the checkpoint's (loading an optimizer or schedule state restores
-    the saved ones): a resumed run trains with the optim.* values its config.yaml records. The learning rate of the
-    current step follows the recipe's optim.lr and schedule. Returns the changes, as text ("" when none)."""
-    names = {"lr": "optim.lr", "betas": "optim.beta1/beta2", "eps": "optim.eps", "weight_decay": "optim.weight_decay",
-             "fused": "optim.fused"}
-    scheduler = getattr(scheduler, "scheduler", scheduler)
-    changes = {}
-    saved_base = list(scheduler.base_lrs)
-    if saved_base != recipe["base_lrs"]:
-        changes["lr"] = (saved_base[0], recipe["base_lrs"][0])
-    for group, settings in zip(optimizer.param_groups, recipe["groups"]):
-        for key, value in settings.items():
-            if key != "lr" and group.get(key) != value:
-                changes.setdefault(key, (group.get(key), value))
-            if key != "lr":
-                group[key] = value
-    scheduler.base_lrs = list(recipe["base_lrs"])
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["initial_lr"] = base
-        group["lr"] = base * factor
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return ", ".join(f"{names[k]} {old} -> {new}" for k, (old, new) in changes.items())
 
 
 def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, cfg: Config, state: dict,
@@ -313,172 +200,6 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-class NonfiniteGuard:
-    """Skips the update of every step whose loss or gradients are not finite on some process, without the host
-    waiting for it.
-
-    The fused AdamW takes the verdict as a device tensor (`found_inf`, the way GradScaler hands it over) and leaves
-    weights, moments and its step count as they were when it is set, so nothing has to come back to the host before
-    the update is queued. The host reads each verdict later, through a pinned copy, to count the skipped steps and to
-    stop after more than `limit` in a row. A skipped step still counts as a step (as fp16 loss scaling's skipped
-    steps do). An unfused optimizer cannot skip on the device: `arm` then waits for the verdict and says whether to
-    call `step()`.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, world: int, limit: int, run_dir: Path):
-        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
-        self.on_device = all(group.get("fused") for group in self.optimizer.param_groups)
-        # where the update runs: the parameters' device (host memory when FSDP offloads them)
-        self.update_device = next(p.device for g in self.optimizer.param_groups for p in g["params"])
-        self.world, self.limit, self.run_dir = world, limit, run_dir
-        self.total = self.run = 0
-        self.pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []  # (step, verdict, copy done)
-
-    @staticmethod
-    def local_verdict(loss: torch.Tensor, model: torch.nn.Module, grads: bool = True) -> torch.Tensor:
-        """1.0 if this process's loss (and, with `grads`, its part of every gradient) is finite, else 0.0: a float
-        tensor on the loss's device, computed there. A finite loss can still come with gradients that overflowed
-        (a bf16 backward, a division in the loss's gradient); under fp16 the loss scaler judges the gradients itself,
-        so pass `grads=False` there."""
-        finite = torch.isfinite(loss.detach()).float().reshape(())
-        if not grads:
-            return finite
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for p in model.parameters():
-            if p.grad is not None:
-                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a sharded model: our shard
-                by_device.setdefault(grad.device, []).append(grad)
-        one = torch.ones((), device=loss.device)
-        for device, grads_here in by_device.items():
-            # the loss scaler's own check: one fused pass over all gradients, a device flag, no host wait
-            found = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads_here, found, torch.ones(1, device=device))
-            finite = finite * (one - found.to(loss.device).reshape(()))
-        return finite
-
-    def arm(self, finite_count: torch.Tensor, step: int) -> bool:
-        """Take the number of processes whose loss and gradients are finite (a device scalar, the sum of their
-        `local_verdict`s); returns whether to call `step()`."""
-        finite = finite_count >= self.world  # () bool
-        if not self.on_device:
-            self._record(step, bool(finite))
-            return bool(finite)
-        self.optimizer.found_inf = (~finite).float().to(self.update_device)
-        if finite.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(finite, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self.pending.append((step, host, done))
-        else:
-            self.pending.append((step, finite, None))
-        return True
-
-    def check(self, wait: bool) -> None:
-        """Count the verdicts that have arrived (all of them if `wait`); raises after too many bad steps in a row."""
-        while self.pending:
-            step, verdict, done = self.pending[0]
-            if done is not None and not done.query():
-                if not wait:
-                    return
-                done.synchronize()
-            self.pending.pop(0)
-            self._record(step, bool(verdict))
-
-    def _record(self, step: int, finite: bool) -> None:
-        if finite:
-            self.run = 0
-            return
-        self.total += 1
-        self.run += 1
-        if self.run > self.limit:
-            raise FloatingPointError(
-                f"the loss was not finite for {self.run} steps in a row (after step {step - self.run}); stopping. "
-                f"Last good checkpoint: {latest_checkpoint(self.run_dir) or 'none yet'}. Resume from it with "
-                "train.resume=auto and a lower optim.lr, optim.grad_clip, or train.precision=fp32/bf16")
-
-
-class MetricsWindow:
-    """The steps since the last metrics line: their time, data wait and skipped samples, and the totals so far.
-
-    The loop adds to `steps`, `wait` (seconds spent waiting for batches), `decode` (seconds spent decoding JPEGs in
-    this process, `data.decode=device`), `skipped` and `filtered` (counts by reason,
-    on the host); `line` sums the skip and filter counts over processes, returns the metrics record and starts the
-    next window. The FLOPs of one optimizer step are counted once, on the first step (`counting_flops`), for the
-    achieved TFLOP/s and the MFU estimate.
-    """
-
-    def __init__(self, accelerator: Accelerator, global_batch: int, peak_tflops: float, num_samples: int = 0,
-                 decoder: DeviceDecoder | None = None):
-        self.accelerator, self.global_batch, self.peak_tflops = accelerator, global_batch, peak_tflops
-        self.decoder = decoder  # data.decode=device: its stream's time is logged beside the host's
-        self.num_samples = num_samples  # samples in one pass over the data, for the epoch; 0 = unknown
-        self.step_flops: int | None = None  # FLOPs of one optimizer step over all processes
-        self.skipped_total: Counter[str] = Counter()
-        self.filtered_total: Counter[str] = Counter()  # samples the curation settings filtered out (data.keep, ...)
-        self._restart()
-
-    def _restart(self) -> None:
-        self.start, self.steps, self.wait, self.decode = time.perf_counter(), 0, 0.0, 0.0
-        self.skipped: Counter[str] = Counter()
-        self.filtered: Counter[str] = Counter()
-
-    def counting_flops(self):
-        """A context that counts the FLOPs of what runs inside it the first time, and does nothing after."""
-        return contextlib.nullcontext() if self.step_flops is not None else self._count_flops()
-
-    @contextlib.contextmanager
-    def _count_flops(self):
-        with FlopCounterMode(display=False) as counter:
-            yield
-        self.step_flops = counter.get_total_flops() * self.accelerator.num_processes
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Leave the time spent inside out of the window (evaluation is not training)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.start += time.perf_counter() - start
-
-    def line(self, step: int, samples_seen: int, loss: torch.Tensor, model, lr: float, nonfinite_steps: int) -> dict:
-        """The metrics record of the window ending at `step`, then a new window; every process calls it."""
-        accelerator = self.accelerator
-        loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-        # skipped and filtered counts, summed over processes in one reduction
-        counts = torch.tensor([self.skipped[r] for r in SKIP_REASONS] + [self.filtered[r] for r in FILTER_REASON_NAMES],
-                              device=accelerator.device)
-        summed = accelerator.reduce(counts, reduction="sum").tolist()
-        self.skipped_total.update({r: int(n) for r, n in zip(SKIP_REASONS, summed) if n})
-        self.filtered_total.update({r: int(n) for r, n in zip(FILTER_REASON_NAMES, summed[len(SKIP_REASONS):]) if n})
-        elapsed = time.perf_counter() - self.start
-        tflops = (self.step_flops or 0) * self.steps / elapsed / 1e12  # achieved, all processes together
-        record = {
-            "step": step,
-            "samples": samples_seen,
-            **({"epoch": round(samples_seen / self.num_samples, 4)} if self.num_samples else {}),
-            "loss": round(loss_mean, 5),
-            "logit_scale": round(model.logit_scale.exp().item(), 4),
-            "lr": lr,
-            "samples_per_s": round(self.global_batch * self.steps / elapsed, 2),
-            "data_wait": round(self.wait / elapsed, 4),
-            "decode": round(self.decode / elapsed, 4),
-            "tflops": round(tflops, 4),
-            "nonfinite_steps": nonfinite_steps,
-            "skipped": dict(self.skipped_total),
-            "filtered": dict(self.filtered_total),
-        }
-        if model.clip.logit_bias is not None:
-            record["logit_bias"] = round(model.clip.logit_bias.item(), 4)
-        if self.decoder is not None and self.decoder.stream is not None:  # the decode stream's own busy time
-            record["decode_gpu"] = round(self.decoder.take_gpu_seconds() / elapsed, 4)
-        if self.peak_tflops:
-            record["mfu"] = round(tflops / (self.peak_tflops * accelerator.num_processes), 4)
-        self._restart()
-        return record
-
-
 def train(cfg: Config) -> dict:
     """Run the training described by `cfg`; returns the last logged metrics (and zero-shot results, if any)."""
     # ---- processes, precision, run directory -------------------------------------------------------------------
@@ -525,127 +246,42 @@ def _refuse_sharded_strategies() -> None:
                           "for models that do not fit one device set train.sharding=fsdp (see docs/scaling.md)")
 
 
+@dataclass
+class _Run:
+    """The model and what trains it (`_build`)."""
+
+    model: torch.nn.Module  # as the step calls it: wrapped for DDP by Accelerate, or the FSDP-sharded model itself
+    raw: DualEncoder  # the model, unwrapped
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    memory_format: torch.memory_format
+    sharded_state: tuple | None  # (model, optimizer, scheduler) of a sharded run: what its checkpoints save
+    compile_report: CompileReport | None
+
+
+@dataclass
+class _Data:
+    """The training stream (`_data`) and where its sub-streams stand, for the checkpoints."""
+
+    batches: object  # an iterator of batches
+    positions: dict[int, tuple[int, int]]  # stream -> (epoch, emitted) of its last batch (exact passes)
+    streams: int  # processes x workers
+
+
 def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str | None) -> dict:
     set_seed(cfg.train.seed)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
-    is_main = accelerator.is_main_process
-    world = accelerator.num_processes
-    sharded = cfg.train.sharding == "fsdp"
-
-    # ---- what the run reads, checked before anything is built: a typo costs seconds, not a model build ------------
-    resume = _resume_from(cfg, run_dir)
-    if resume is not None:
-        _check_resumable(cfg, resume)
-    if cfg.data.train or not cfg.data.synthetic:
-        _expand_train_sources(cfg.data.train)
-    _check_val(cfg, world)
-    _check_eval_sources(cfg)
-    # data.keep, keep_probability, min_score: their files read (and checked) now; None when none is set
-    sample_filter = SampleFilter.from_config(cfg.data)
-    if sample_filter is not None:
-        accelerator.print(f"curating at load time: {sample_filter.describe()}")
-    # batches to the device; data.decode=device: its decoder library is looked for now, not at the first batch
-    decode = resolve_decode(cfg.data.decode, accelerator.device)
-    to_device = DeviceDecoder(accelerator.device, cfg.data.decode_backend if decode == "device" else None,
-                              budget_bytes=int(cfg.data.decode_budget_mb * 2**20))
-
-    # ---- model, loss, optimizer, schedule ----------------------------------------------------------------------
-    model = create_model(cfg.model, cfg.loss.kind)
-    tokenizer = model.tokenizer
-    model.attention = cfg.train.attention
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    if cfg.train.channels_last:
-        model.clip.visual.to(memory_format=torch.channels_last)
-    if cfg.train.patch_embed == "matmul":  # auto: the convolution until the matmul has been measured on a GPU
-        use_matmul_patch_embed(model)
-    if cfg.train.compile:
-        # in place: the modules keep their parameter names, so checkpoints and exports are unchanged
-        model.compile() if cfg.train.compile_scope == "model" else compile_blocks(model)
-    compile_report = CompileReport() if cfg.train.compile else None  # warns if a function falls back to eager
-    if sharded:  # after compiling the blocks, before the optimizer: it must hold the shards
-        shard_model(model, accelerator.device, cfg.train.precision, offload=cfg.train.fsdp_offload)
-    loss_fn = build_loss(cfg.loss)
-    # fused: one kernel over all parameters; torch's default on CPU is a per-tensor loop, 17x slower on the tiny ViT
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                  fused=cfg.optim.fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
-    if not sharded:  # DDP through Accelerate; a sharded model, its optimizer and schedule are used as they are
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    raw_model = accelerator.unwrap_model(model)
-    sharded_state = (raw_model, optimizer, scheduler) if sharded else None  # what a sharded checkpoint saves
-
-    # ---- data ---------------------------------------------------------------------------------------------------
-    _prepare_data(cfg, accelerator, raw_model.image_size)
-    sources = _expand_train_sources(cfg.data.train)
-    # one live run per run directory: the main process locks it for the run's lifetime (the OS drops the lock when the
-    # process dies), and every process learns the verdict, so none starts training into a directory in use
-    busy = None
-    if is_main:
-        try:
-            lock_run_dir(run_dir)  # released by train() when the run ends
-        except RunDirBusy as e:
-            busy = str(e)
-    if world > 1:
-        busy = broadcast_object_list([busy])[0]
-    if busy:
-        raise ConfigError(busy)
-    if is_main:
-        cfg.save(run_dir / RUN_CONFIG_FILE)
-
-    # ---- resume ------------------------------------------------------------------------------------------------
-    step, samples_seen, state = 0, 0, {}
-    if resume is not None:
-        recipe_optim = _optimizer_settings(optimizer, scheduler)  # this run's, before the checkpoint's replace them
-        state = read_trainer_state(resume)
-        step, samples_seen = state["step"], state.get("samples_seen", 0)
-        if sharded or is_sharded_checkpoint(resume):  # either kind into either kind, resharded for these processes
-            load_training_state(resume, raw_model, getattr(optimizer, "optimizer", optimizer), scheduler,
-                                accelerator.process_index)
-        else:
-            accelerator.load_state(str(resume))
-        if state.get("processes", world) == world:
-            # accelerate swallows a failed RNG restore (an info log): check each process's; all stop if one failed
-            rng_errors = [e for e in gather_object([rng_restore_error(resume, accelerator.process_index)]) if e]
-            if rng_errors:
-                raise CheckpointError(f"cannot resume from {resume}: {'; '.join(rng_errors)}")
-        else:
-            warnings.warn(f"{resume} was written by {state['processes']} processes and this run has {world}: the "
-                          f"weights, optimizer state and schedule resume exactly; the random streams (augmentation, "
-                          f"dropout) and the data order start afresh, seeded by the step", stacklevel=2)
-            set_seed(cfg.train.seed + step, device_specific=True)
-        changed = _apply_optimizer_settings(optimizer, scheduler, recipe_optim, resume)
-        if changed:
-            accelerator.print(f"optimizer settings changed since {resume.name}, applied from step {step}: {changed}")
-        accelerator.print(f"resumed from {resume} at step {step} ({state.get('sharding', 'ddp')} checkpoint, "
-                          f"{cfg.train.sharding} run)")
-    streams = world * max(1, cfg.data.workers)
-    if cfg.data.resampled:
-        # an endless random stream has no position to return to: a resumed run draws a fresh one, seeded by the step
-        stream_args = {"seed": cfg.train.seed * 1_000_003 + step, "weights": cfg.data.weights}
-    else:
-        # exact passes replay the same shard permutations and continue each worker where it stopped
-        stream_args = {"seed": cfg.train.seed, "start": _data_start(state, streams)}
-    # where this process's streams stand: a launch that trains no step (resumed at its last step) saves them again
-    workers_per_process = max(1, cfg.data.workers)
-    start_positions = {} if cfg.data.resampled else {
-        s: p for s, p in stream_args["start"].items() if s // workers_per_process == accelerator.process_index}
-    loader = make_train_loader(sources, tokenizer, raw_model.image_size, cfg.data.batch_size, cfg.data.workers,
-                               resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
-                               crop_scale=cfg.data.train_crop_scale, pin_memory=accelerator.device.type == "cuda",
-                               decode=decode, decode_budget_mb=cfg.data.decode_budget_mb,
-                               max_image_pixels=cfg.data.max_image_pixels,
-                               # a dead source or a stalled worker stops the run with a DataSourceError naming it
-                               max_source_failures=cfg.data.max_source_failures,
-                               batch_timeout=cfg.data.batch_timeout, max_unusable=cfg.data.max_unusable,
-                               captions=cfg.data.captions,  # caption sources and weights; {} = the default rule
-                               sample_filter=sample_filter,  # curation: before decoding, counted as `filtered`
-                               # the model's resize (interpolation, resize mode), the one its evaluation uses
-                               preprocess_cfg=getattr(raw_model.clip.visual, "preprocess_cfg", None), **stream_args)
-    batches = iter(loader)
-    positions: dict[int, tuple[int, int]] = dict(start_positions)  # stream -> (epoch, emitted) of the last batch
+    is_main, world, sharded = accelerator.is_main_process, accelerator.num_processes, cfg.train.sharding == "fsdp"
+    resume, sample_filter, to_device = _check(cfg, accelerator)  # everything the run reads: a typo costs seconds
+    run = _build(cfg, accelerator)
+    model, raw_model, loss_fn, optimizer, scheduler = run.model, run.raw, run.loss_fn, run.optimizer, run.scheduler
+    _prepare_data(cfg, accelerator, raw_model.image_size)  # the synthetic set, drawn once, into the config
+    _take_run_dir(cfg, accelerator, run_dir)
+    step, samples_seen, state = _resume(cfg, accelerator, run, resume)
+    data = _data(cfg, accelerator, run, state, step, sample_filter, to_device)
+    batches, positions = data.batches, data.positions
 
     # ---- logging -----------------------------------------------------------------------------------------------
     if log_with:
@@ -653,7 +289,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
         accelerator.init_trackers("tensorboard", config=_flat(shareable_config(cfg)))
     metrics_path = run_dir / METRICS_FILE
     global_batch = cfg.data.batch_size * world * cfg.train.accum_steps  # samples per optimizer step
-    peak_tflops = cfg.train.peak_tflops or _known_peak_tflops(accelerator.device, cfg.train.precision)
+    peak_tflops = cfg.train.peak_tflops or known_peak_tflops(accelerator.device, cfg.train.precision)
     window = MetricsWindow(accelerator, global_batch, peak_tflops, cfg.data.num_samples, to_device)
     nonfinite = NonfiniteGuard(optimizer, world, cfg.train.max_nonfinite, run_dir)
     last: dict = {}
@@ -666,7 +302,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
     first_step = step
     try:
         while step < cfg.train.steps:
-            _sync_debug(cfg.train.sync_debug and step > first_step)  # the first step syncs (autotuning, FLOP count)
+            sync_debug(cfg.train.sync_debug and step > first_step)  # the first step syncs (autotuning, FLOP count)
             t0, decoding = time.perf_counter(), to_device.seconds
             micro_batches, step_keys = [], []
             for _ in range(cfg.train.accum_steps):
@@ -674,7 +310,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 texts = trim_padding(batch["texts"]) if trim_text else batch["texts"]
                 # data.decode=device: JPEG rows are decoded here; rows nothing decodes are counted like the workers'
                 # skips
-                images, decode_skipped = to_device(batch, memory_format)
+                images, decode_skipped = to_device(batch, run.memory_format)
                 micro_batches.append((images, texts.to(accelerator.device, non_blocking=True)))
                 window.skipped.update(batch["skipped"])
                 window.skipped.update(decode_skipped)
@@ -709,7 +345,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             raw_model.clamp_logit_scale()
             step += 1
             nonfinite.check(wait=False)  # the previous step's verdict, long since computed: counts, or stops the run
-            _sync_debug(False)  # logging, evaluation and checkpoints wait for the device on purpose
+            sync_debug(False)  # logging, evaluation and checkpoints wait for the device on purpose
             if cfg.data.log_keys:
                 _append_jsonl(keys_file(run_dir, accelerator.process_index), {"step": step, "keys": step_keys})
             window.steps += 1
@@ -725,8 +361,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 if log_with:
                     accelerator.log({k: v for k, v in last.items() if k not in ("skipped", "filtered")}, step=step)
 
-            if _evaluates(cfg) and cfg.eval.every and step % cfg.eval.every == 0 \
-                    and step < cfg.train.steps:
+            if _evaluates(cfg) and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                 with window.paused():  # evaluation time is not training time
                     # every process: a sharded model gathers its weights
                     eval_model = _whole_model(cfg, raw_model, accelerator.device)
@@ -740,43 +375,239 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
 
             if cfg.data.val and cfg.eval.val_every and step % cfg.eval.val_every == 0 and step < cfg.train.steps:
                 with window.paused():  # validation time is not training time
-                    _validate(cfg, accelerator, raw_model, loss_fn, memory_format, step, metrics_path, log_with)
+                    _validate(cfg, accelerator, raw_model, loss_fn, run.memory_format, step, metrics_path, log_with)
 
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                 _checkpoint(accelerator, run_dir, step, cfg,
-                            _trainer_state(accelerator, samples_seen, positions, streams, cfg.train.sharding),
-                            tokenizer, sharded_state)
+                            _trainer_state(accelerator, samples_seen, positions, data.streams, cfg.train.sharding),
+                            raw_model.tokenizer, run.sharded_state)
     finally:  # before an error is printed: the message starts its own line
         bar.close()
     nonfinite.check(wait=True)
+    return _finish(cfg, accelerator, run, run_dir, resume, step,
+                   _trainer_state(accelerator, samples_seen, positions, data.streams, cfg.train.sharding),
+                   window, last.get("loss", _last_logged_loss(metrics_path)), log_with)
 
-    # ---- end: checkpoint, zero-shot, export --------------------------------------------------------------------
+
+# ---- the phases of a run --------------------------------------------------------------------------------------
+
+
+def _check(cfg: Config, accelerator: Accelerator) -> tuple[Path | None, SampleFilter | None, DeviceDecoder]:
+    """Everything the run reads and writes, checked before anything is built (`clipalign.preflight`); the
+    checkpoint to resume from, the curation filter and the decoder that takes batches to the device."""
+    resume, notes = check_run(cfg, accelerator.num_processes)
+    if accelerator.is_main_process:
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+    # data.keep, keep_probability, min_score: their files read (and checked) now; None when none is set
+    sample_filter = SampleFilter.from_config(cfg.data)
+    if sample_filter is not None:
+        accelerator.print(f"curating at load time: {sample_filter.describe()}")
+    # batches to the device; data.decode=device: its decoder library is looked for now, not at the first batch
+    decode = resolve_decode(cfg.data.decode, accelerator.device)
+    to_device = DeviceDecoder(accelerator.device, cfg.data.decode_backend if decode == "device" else None,
+                              budget_bytes=int(cfg.data.decode_budget_mb * 2**20))
+    return resume, sample_filter, to_device
+
+
+def _build(cfg: Config, accelerator: Accelerator) -> _Run:
+    """The model, its loss, optimizer and schedule, set up for the processes (DDP through Accelerate, or FSDP2)."""
+    sharded = cfg.train.sharding == "fsdp"
+    model = create_model(cfg.model, cfg.loss.kind)
+    if cfg.export.dir and cfg.export.format == "transformers":  # refused now, not after the training
+        from clipalign.hf_export import NotExportable, convert
+
+        try:
+            convert(model, model.open_clip_config())
+        except NotExportable as e:
+            raise ConfigError(f"export.format=transformers: {e}") from None
+    model.attention = cfg.train.attention
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    if cfg.train.channels_last:
+        model.clip.visual.to(memory_format=torch.channels_last)
+    if cfg.train.patch_embed == "matmul":  # auto: the convolution until the matmul has been measured on a GPU
+        use_matmul_patch_embed(model)
+    if cfg.train.compile:
+        # in place: the modules keep their parameter names, so checkpoints and exports are unchanged
+        model.compile() if cfg.train.compile_scope == "model" else compile_blocks(model)
+    compile_report = CompileReport() if cfg.train.compile else None  # warns if a function falls back to eager
+    if sharded:  # after compiling the blocks, before the optimizer: it must hold the shards
+        shard_model(model, accelerator.device, cfg.train.precision, offload=cfg.train.fsdp_offload)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    prepared = model
+    if not sharded:  # DDP through Accelerate; a sharded model, its optimizer and schedule are used as they are
+        prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw = accelerator.unwrap_model(prepared)
+    return _Run(prepared, raw, build_loss(cfg.loss), optimizer, scheduler, memory_format,
+                (raw, optimizer, scheduler) if sharded else None, compile_report)
+
+
+def _take_run_dir(cfg: Config, accelerator: Accelerator, run_dir: Path) -> None:
+    """Lock the run directory for this run (one live run per directory; every process learns the verdict, so none
+    starts training into a directory in use), clear an earlier run's outputs where train.overwrite asks for it, and
+    write the resolved config."""
+    busy = None
+    if accelerator.is_main_process:
+        try:
+            lock_run_dir(run_dir)  # released by train() when the run ends; the OS drops it when the process dies
+        except RunDirBusy as e:
+            busy = str(e)
+    if accelerator.num_processes > 1:
+        busy = broadcast_object_list([busy])[0]
+    if busy:
+        raise ConfigError(busy)
+    if accelerator.is_main_process:
+        cleared = start_over(cfg, run_dir)
+        if cleared:
+            why = "train.overwrite=true" if cfg.train.overwrite else "no checkpoint to resume"
+            accelerator.print(f"starting {run_dir} over ({why}): removed {', '.join(cleared)}")
+        cfg.save(run_dir / RUN_CONFIG_FILE)
+    accelerator.wait_for_everyone()
+
+
+def _resume(cfg: Config, accelerator: Accelerator, run: _Run, resume: Path | None) -> tuple[int, int, dict]:
+    """(step, samples seen, trainer state) to go on from: the checkpoint's, loaded into the model, optimizer and
+    schedule (either kind of checkpoint into either kind of run), with the recipe's optimizer settings kept."""
+    if resume is None:
+        return 0, 0, {}
+    world, optimizer, scheduler = accelerator.num_processes, run.optimizer, run.scheduler
+    recipe_optim = optimizer_settings(optimizer, scheduler)  # this run's, before the checkpoint's replace them
+    state = read_trainer_state(resume)
+    step, samples_seen = state["step"], state.get("samples_seen", 0)
+    if run.sharded_state or is_sharded_checkpoint(resume):  # resharded for these processes
+        load_training_state(resume, run.raw, getattr(optimizer, "optimizer", optimizer), scheduler,
+                            accelerator.process_index)
+    else:
+        accelerator.load_state(str(resume))
+    if state.get("processes", world) == world:
+        # accelerate swallows a failed RNG restore (an info log): check each process's; all stop if one failed
+        rng_errors = [e for e in gather_object([rng_restore_error(resume, accelerator.process_index)]) if e]
+        if rng_errors:
+            raise CheckpointError(f"cannot resume from {resume}: {'; '.join(rng_errors)}")
+    else:
+        warnings.warn(f"{resume} was written by {state['processes']} processes and this run has {world}: the "
+                      f"weights, optimizer state and schedule resume exactly; the random streams (augmentation, "
+                      f"dropout) and the data order start afresh, seeded by the step", stacklevel=3)
+        set_seed(cfg.train.seed + step, device_specific=True)
+    changed = apply_optimizer_settings(optimizer, scheduler, recipe_optim, resume)
+    if changed:
+        accelerator.print(f"optimizer settings changed since {resume.name}, applied from step {step}: {changed}")
+    accelerator.print(f"resumed from {resume} at step {step} ({state.get('sharding', 'ddp')} checkpoint, "
+                      f"{cfg.train.sharding} run)")
+    return step, samples_seen, state
+
+
+def _data(cfg: Config, accelerator: Accelerator, run: _Run, state: dict, step: int,
+          sample_filter: SampleFilter | None, to_device: DeviceDecoder) -> _Data:
+    """The training stream from where the checkpoint left it: exact passes continue each worker's position, a
+    resampled stream draws afresh, seeded by the step."""
+    sources = expand_shards(cfg.data.train)
+    workers = max(1, cfg.data.workers)
+    streams = accelerator.num_processes * workers
+    if cfg.data.resampled:
+        # an endless random stream has no position to return to: a resumed run draws a fresh one, seeded by the step
+        stream_args = {"seed": cfg.train.seed * 1_000_003 + step, "weights": cfg.data.weights}
+        positions = {}
+    else:
+        # exact passes replay the same shard permutations and continue each worker where it stopped
+        stream_args = {"seed": cfg.train.seed, "start": _data_start(state, streams)}
+        # where this process's streams stand: a launch that trains no step (resumed at its last step) saves them again
+        positions = {s: p for s, p in stream_args["start"].items() if s // workers == accelerator.process_index}
+    loader = make_train_loader(sources, run.raw.tokenizer, run.raw.image_size, cfg.data.batch_size, cfg.data.workers,
+                               resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
+                               crop_scale=cfg.data.train_crop_scale, pin_memory=accelerator.device.type == "cuda",
+                               decode="device" if to_device.backend else "workers",
+                               decode_budget_mb=cfg.data.decode_budget_mb,
+                               max_image_pixels=cfg.data.max_image_pixels,
+                               # a dead source or a stalled worker stops the run with a DataSourceError naming it
+                               max_source_failures=cfg.data.max_source_failures,
+                               batch_timeout=cfg.data.batch_timeout, max_unusable=cfg.data.max_unusable,
+                               captions=cfg.data.captions,  # caption sources and weights; {} = the default rule
+                               sample_filter=sample_filter,  # curation: before decoding, counted as `filtered`
+                               # the model's resize (interpolation, resize mode), the one its evaluation uses
+                               preprocess_cfg=getattr(run.raw.clip.visual, "preprocess_cfg", None), **stream_args)
+    return _Data(iter(loader), dict(positions), streams)
+
+
+def _finish(cfg: Config, accelerator: Accelerator, run: _Run, run_dir: Path, resume: Path | None, step: int,
+            trainer_state: dict, window: MetricsWindow, loss: float | None, log_with: str | None) -> dict:
+    """The end of a run: the last checkpoint, validation, evaluation and export, and summary.json.
+
+    What fails at the end (an evaluation set, the export) costs only itself: the checkpoint is kept, the other parts
+    still run, summary.json records the error, and a RunEndError names the command that redoes the failed part.
+    """
     if resume is not None and resume.resolve() == checkpoint_dir(run_dir, step).resolve():
         final = resume  # relaunched after its last checkpoint (killed while ending): nothing new to save
     else:
-        final = _checkpoint(accelerator, run_dir, step, cfg,
-                            _trainer_state(accelerator, samples_seen, positions, streams, cfg.train.sharding),
-                            tokenizer, sharded_state)
-    summary = {"step": step, "samples": samples_seen, "checkpoint": str(final), "skipped": dict(window.skipped_total),
-               "filtered": dict(window.filtered_total), "loss": last.get("loss", _last_logged_loss(metrics_path))}
+        final = _checkpoint(accelerator, run_dir, step, cfg, trainer_state, run.raw.tokenizer, run.sharded_state)
+    summary = {"step": step, "samples": trainer_state["samples_seen"], "checkpoint": str(final),
+               "skipped": dict(window.skipped_total), "filtered": dict(window.filtered_total), "loss": loss}
+    metrics_path = run_dir / METRICS_FILE
     if cfg.data.val:  # every process, on the model as it trains (a sharded one stays sharded)
-        summary["val"] = _validate(cfg, accelerator, raw_model, loss_fn, memory_format, step, metrics_path, log_with)
-    eval_model = _whole_model(cfg, raw_model, accelerator.device) if _evaluates(cfg) \
-        else raw_model
-    if is_main:
-        summary.update(_evaluate_and_export(cfg, eval_model, final, metrics_path))
-        if compile_report is not None:
-            summary["compile"] = compile_report.summary()
+        summary["val"] = _validate(cfg, accelerator, run.raw, run.loss_fn, run.memory_format, step, metrics_path,
+                                   log_with)
+    eval_model = _whole_model(cfg, run.raw, accelerator.device) if _evaluates(cfg) else run.raw
+    failed: dict[str, str] = {}
+    if accelerator.is_main_process:
+        results, failed = _evaluate_and_export(cfg, eval_model, final, metrics_path)
+        summary.update(results)
+        if failed:
+            summary["errors"] = failed
+        if run.compile_report is not None:
+            summary["compile"] = run.compile_report.summary()
         accelerator.print(json.dumps(summary, indent=2))
         write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
+    if failed:
+        raise RunEndError(_rerun_message(cfg, final, failed))
     return summary
 
 
-def _sync_debug(on: bool) -> None:
-    """Report each host-device synchronisation as a warning naming its line (`train.sync_debug`), or stop."""
-    if torch.cuda.is_available():
-        torch.cuda.set_sync_debug_mode("warn" if on else 0)
+def _evaluate_and_export(cfg: Config, model, checkpoint: Path, metrics_path: Path) -> tuple[dict, dict[str, str]]:
+    """The final evaluations and the export, each on its own: (results, {part: its error} for the parts that
+    failed)."""
+    from clipalign.export import export_model
+
+    out: dict = {}
+    failed: dict[str, str] = {}
+    for kind in ("zeroshot", "retrieval"):
+        if _eval_set(cfg, kind):
+            try:
+                out.update(_evaluate(cfg, model, kinds=(kind,)))
+            except Exception as e:  # an evaluation set that breaks at the end: its own error, the rest goes on
+                failed[kind] = _one_line(e)
+    if out:
+        _append_jsonl(metrics_path, {"step": read_trainer_state(checkpoint)["step"], **out})
+    if cfg.export.dir:
+        try:
+            out["export"] = str(export_model(checkpoint, export_dir(cfg), onnx=cfg.export.onnx,
+                                             export_format=cfg.export.format))
+        except Exception as e:  # a full disk, an ONNX exporter that fails: the checkpoint is there to export from
+            failed["export"] = _one_line(e)
+    return out, failed
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or traceback.format_exception_only(error)[-1].strip()
+    return f"{type(error).__name__}: {text}"[:1000]
+
+
+def _rerun_message(cfg: Config, checkpoint: Path, failed: dict[str, str]) -> str:
+    """What failed at the end of a run, and the commands that redo it from the saved checkpoint."""
+    commands = []
+    if "zeroshot" in failed:
+        extra = "".join(f" --{key} {value}" for key, value in (("classnames", cfg.eval.classnames),
+                                                                ("templates", cfg.eval.templates)) if value)
+        commands.append(f"clipalign-zeroshot --model {checkpoint} --data {cfg.eval.zeroshot}{extra}")
+    if "retrieval" in failed:
+        commands.append(f"clipalign-zeroshot --model {checkpoint} --retrieval {cfg.eval.retrieval}")
+    if "export" in failed:
+        onnx = " --onnx" if cfg.export.onnx else ""
+        commands.append(f"clipalign-export --checkpoint {checkpoint} --out {export_dir(cfg)}{onnx} "
+                        f"--format {cfg.export.format}")
+    what = "; ".join(f"{part}: {error}" for part, error in failed.items())
+    return (f"the run trained to its end and saved {checkpoint}, but at its end {what}. summary.json records the "
+            f"rest. Once fixed, redo it with: {' && '.join(commands)}")
 
 
 def _whole_model(cfg: Config, model, device: torch.device):
@@ -815,12 +646,12 @@ def _validate(cfg: Config, accelerator: Accelerator, model, loss_fn, memory_form
 # need graphs beside training's within each compiled block's recompile limit (compile_blocks counts training's), to
 # speed up passes that spend their time decoding images
 @torch.compiler.set_stance("force_eager")
-def _evaluate(cfg: Config, model) -> dict:
-    """The configured evaluations: {"zeroshot": classification results, "retrieval": retrieval results}."""
+def _evaluate(cfg: Config, model, kinds: tuple[str, ...] = ("zeroshot", "retrieval")) -> dict:
+    """The configured evaluations of `kinds`: {"zeroshot": classification results, "retrieval": retrieval results}."""
     from clipalign.evaluate import resolve_lines, zero_shot_classification, zero_shot_retrieval
 
     results = {}
-    if _eval_set(cfg, "zeroshot"):
+    if "zeroshot" in kinds and _eval_set(cfg, "zeroshot"):
         classnames = resolve_lines(cfg.eval.classnames, "classnames") if cfg.eval.classnames else None
         templates = resolve_lines(cfg.eval.templates, "templates") if cfg.eval.templates else None
         results["zeroshot"] = zero_shot_classification(model, _eval_set(cfg, "zeroshot"), classnames=classnames,
@@ -828,7 +659,7 @@ def _evaluate(cfg: Config, model) -> dict:
                                                        progress=False, precision=cfg.eval.precision,
                                                        max_image_pixels=cfg.data.max_image_pixels,
                                                        table_format=_table_format(cfg))
-    if _eval_set(cfg, "retrieval"):
+    if "retrieval" in kinds and _eval_set(cfg, "retrieval"):
         results["retrieval"] = zero_shot_retrieval(model, _eval_set(cfg, "retrieval"), batch_size=cfg.eval.batch_size,
                                                    progress=False, precision=cfg.eval.precision,
                                                    max_image_pixels=cfg.data.max_image_pixels,
@@ -839,30 +670,6 @@ def _evaluate(cfg: Config, model) -> dict:
 def _table_format(cfg: Config) -> str | None:
     """eval.table_format for the evaluation readers: None (from the extension) for auto."""
     return None if cfg.eval.table_format == "auto" else cfg.eval.table_format
-
-
-def _evaluate_and_export(cfg: Config, model, checkpoint: Path, metrics_path: Path) -> dict:
-    from clipalign.export import export_model
-
-    out: dict = {}
-    if _evaluates(cfg):
-        out.update(_evaluate(cfg, model))
-        _append_jsonl(metrics_path, {"step": read_trainer_state(checkpoint)["step"], **out})
-    if cfg.export.dir:
-        out["export"] = str(export_model(checkpoint, cfg.export.dir, onnx=cfg.export.onnx))
-    return out
-
-
-# dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name, for the MFU estimate; train.peak_tflops overrides
-_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0,
-                "RTX 4090": 165.0, "V100": 125.0}
-
-
-def _known_peak_tflops(device: torch.device, precision: str) -> float:
-    if device.type != "cuda" or precision == "fp32":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in _PEAK_TFLOPS.items() if key in name), 0.0)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -888,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(load_config(args.recipe, args.overrides))
     # a bad recipe or launch, a full disk, a data source that cannot be read: say what, not where
-    except (ConfigError, CheckpointSaveError, DataSourceError) as e:
+    except (ConfigError, CheckpointSaveError, DataSourceError, RunEndError) as e:
         parser.exit(2, f"clipalign-train: error: {e}\n")
 
 

@@ -71,6 +71,19 @@ def _candidates(urls: Sequence[str], captions: Mapping[str, float] | None,
         yield data, caption
 
 
+def count_usable(urls: Sequence[str], captions: Mapping[str, float] | None = None,
+                 at_most: int | None = None) -> tuple[int, Counter]:
+    """How many samples of `urls` validation can use (an image and a caption; images are not decoded), counting up to
+    `at_most` (None: all), and the others by reason."""
+    skipped: Counter = Counter()
+    found = 0
+    for _ in _candidates(urls, captions, skipped):
+        found += 1
+        if at_most is not None and found >= at_most:
+            break
+    return found, skipped
+
+
 def val_batches(urls: Sequence[str], transform: Callable, tokenizer: Callable, batch_size: int, samples: int,
                 rank: int = 0, world: int = 1, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, captions: Mapping[str, float] | None = None,

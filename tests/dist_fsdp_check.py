@@ -41,8 +41,9 @@ from clipalign.accumulate import forward_backward
 from clipalign.config import ModelConfig
 from clipalign.loss import ContrastiveLoss, SigmoidLoss
 from clipalign.model import compile_blocks, create_model
+from clipalign.monitor import NonfiniteGuard
+from clipalign.optim import param_groups
 from clipalign.sharding import clip_grad_norm, full_state_dict, shard_model, sync_replicated_grads
-from clipalign.train import NonfiniteGuard, param_groups
 
 # name -> what differs from the "local" scenario: loss kind, contrastive mode or sigmoid exchange, micro-batches per
 # step, model config keys, gradient clip, precision, compiled blocks, offload

@@ -70,7 +70,7 @@ def test_skip_reasons_are_one_list_and_both_subsets_come_from_it():
 
 
 def test_the_trainer_counts_the_stream_reasons():
-    from clipalign.train import SKIP_REASONS as trainer_reasons
+    from clipalign.monitor import SKIP_REASONS as trainer_reasons
 
     assert trainer_reasons is STREAM_SKIP_REASONS
 

@@ -181,3 +181,63 @@ def test_relaunching_a_finished_run_keeps_its_last_checkpoint_and_data_position(
     assert state_file.read_text() == before
     summary = json.loads((run / "summary.json").read_text())
     assert summary["loss"] == summary_before["loss"] is not None and summary["step"] == 2
+
+
+# ---- the run directory: continued or started over, never mixed; the end of a run costs only itself ----------------
+
+
+@pytest.mark.slow
+def test_a_rerun_into_a_finished_run_is_refused_unless_it_continues_or_starts_over(first_run, tmp_path):
+    run = _copy_run(first_run, tmp_path)
+    metrics = (run / "metrics.jsonl").read_text()
+    line = _one_line_error(_train(tmp_path, "train.resume=", "train.log_with=none", f"train.output_dir={run}",
+                                  check=False))
+    assert f"train.output_dir {run} holds another run (" in line and "continue it with train.resume=auto" in line
+    assert (run / "metrics.jsonl").read_text() == metrics  # untouched
+    proc = _train(tmp_path, "train.resume=", "train.overwrite=true", "train.steps=2", "train.log_with=none",
+                  "export.dir=export", f"train.output_dir={run}")
+    assert f"starting {run} over (train.overwrite=true): removed config.yaml, metrics.jsonl" in proc.stdout
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2] and (run / "export" / "open_clip_config.json").is_file()  # the export inside the run
+
+
+@pytest.mark.slow
+def test_an_evaluation_that_fails_at_the_end_keeps_the_checkpoint_summary_and_export(first_run, tmp_path):
+    import shutil
+
+    tmp, first = first_run
+    from clipalign.config import read_config
+
+    heldout = Path(read_config(first / "config.yaml").data.train).parent / "heldout"
+    broken = tmp_path / "heldout"
+    shutil.copytree(heldout, broken)
+    victim = sorted(broken.rglob("*.jpg"))[0]
+    victim.write_bytes(b"not a jpeg")  # found only when the evaluation reads it, after the training
+    run = tmp_path / "run"
+    proc = _train(tmp, "train.steps=2", "train.log_with=none", f"eval.zeroshot={broken}", "export.dir=export",
+                  f"train.output_dir={run}", check=False)
+    line = _one_line_error(proc)
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert f"the run trained to its end and saved {ckpt}, but at its end zeroshot: ValueError: evaluation image" in line
+    assert f"redo it with: clipalign-zeroshot --model {ckpt} --data {broken}" in line
+    summary = json.loads((run / "summary.json").read_text())
+    assert "evaluation image" in summary["errors"]["zeroshot"] and summary["export"] == str(run / "export")
+    assert (ckpt / "trainer_state.json").is_file() and (run / "export" / "open_clip_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_shards_without_captions_stop_the_run_in_seconds_saying_why(tmp_path):
+    import random
+
+    from clipalign.data.synthetic import draw_sample
+    from clipalign.data.writer import image_to_bytes, write_shards
+
+    rng = random.Random(0)
+    samples = [{"__key__": f"{i:04d}", "jpg": image_to_bytes(draw_sample(rng, 64)[0], "jpg")} for i in range(24)]
+    write_shards(samples, tmp_path / "shards", samples_per_shard=12)
+    proc = _train(tmp_path, "data.synthetic=false", f"data.train={tmp_path}/shards/train-{{000000..000001}}.tar",
+                  "data.resampled=false", f"train.output_dir={tmp_path / 'run'}", check=False)
+    line = _one_line_error(proc)
+    assert "a whole pass over its 2 shards gave no usable sample: skipped no_caption=24" in line
+    assert "Most likely the samples carry no caption" in line and "clipalign-inspect-shards" in line
+    assert "data.batch_timeout" not in line

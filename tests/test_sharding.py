@@ -86,7 +86,7 @@ def test_fsdp_settings_are_checked_before_anything_starts(tmp_path):
 
 def test_a_ddp_optimizer_state_of_another_model_is_refused_by_name():
     from clipalign.model import create_model
-    from clipalign.train import param_groups
+    from clipalign.optim import param_groups
 
     model = create_model(ModelConfig(name="tiny-vit-64"))
     optimizer = torch.optim.AdamW(param_groups(model, 0.1))
@@ -157,7 +157,7 @@ def _optimizer_moments(ckpt: Path) -> dict[str, torch.Tensor]:
         return {k.removeprefix("optim.state."): v for k, v in state.items()}
     saved = torch.load(ckpt / "optimizer.bin", weights_only=True)
     from clipalign.model import create_model
-    from clipalign.train import param_groups
+    from clipalign.optim import param_groups
 
     model = create_model(ModelConfig(name="tiny-vit-64"))
     optimizer = torch.optim.AdamW(param_groups(model, 0.1))

@@ -195,7 +195,7 @@ def test_compile_and_channels_last_train_the_same_model(tmp_path):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "unfused-waits"])
 def test_a_finite_loss_with_a_nonfinite_gradient_makes_no_update(fused, tmp_path):
-    from clipalign.train import NonfiniteGuard
+    from clipalign.monitor import NonfiniteGuard
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
@@ -221,7 +221,7 @@ def test_a_finite_loss_with_a_nonfinite_gradient_makes_no_update(fused, tmp_path
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "unfused-waits"])
 def test_nonfinite_guard_skips_the_update_and_stops_after_too_many_in_a_row(fused, tmp_path):
-    from clipalign.train import NonfiniteGuard
+    from clipalign.monitor import NonfiniteGuard
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=fused)
@@ -257,7 +257,7 @@ def test_metrics_window_reports_a_window_then_starts_the_next():
 
     from clipalign.config import ModelConfig
     from clipalign.model import create_model
-    from clipalign.train import MetricsWindow
+    from clipalign.monitor import MetricsWindow
 
     AcceleratorState._reset_state(reset_partial_state=True)
     try:

@@ -4,7 +4,7 @@ For each process count (`--processes`) and sharding (`--sharding`), one group of
 --multi_gpu`, gloo on CPU, `OMP_NUM_THREADS=1` and torch threads = cores / processes as the trainer sets them) builds
 the model the trainer's way: `clipalign.model.create_model(ModelConfig(name=--model, vision_cfg={"image_size": S}))`
 with the same seed everywhere, then `clipalign.sharding.shard_model(model, device, "fp32")` (fsdp) before
-`torch.optim.AdamW(clipalign.train.param_groups(model, 0.2), fused=True)`, or `accelerator.prepare(model,
+`torch.optim.AdamW(clipalign.optim.param_groups(model, 0.2), fused=True)`, or `accelerator.prepare(model,
 optimizer)` (ddp). It trains `--steps` steps of `clipalign.accumulate.forward_backward` with the contrastive local
 loss on a random uint8 batch of `--batch-size` images per process and tokenized random captions (cut after their
 longest caption, as the trainer does), fp32, then (fsdp) `sync_replicated_grads`, `optimizer.step()`,
@@ -467,8 +467,9 @@ def _worker(args: argparse.Namespace) -> None:
     from clipalign.config import LossConfig
     from clipalign.loss import build_loss
     from clipalign.model import create_model, trim_padding
+    from clipalign.optim import param_groups
     from clipalign.sharding import shard_model, sync_replicated_grads
-    from clipalign.train import cpu_threads, param_groups
+    from clipalign.train import cpu_threads
 
     rss = {"start": _proc_status()["VmRSS"]}
     accelerator = Accelerator(mixed_precision="no", cpu=True, step_scheduler_with_optimizer=False)

@@ -244,7 +244,8 @@ def check_nonfinite(args: argparse.Namespace) -> dict:
     from clipalign.config import ModelConfig
     from clipalign.loss import ContrastiveLoss
     from clipalign.model import create_model
-    from clipalign.train import NonfiniteGuard, param_groups
+    from clipalign.monitor import NonfiniteGuard
+    from clipalign.optim import param_groups
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -91,6 +91,8 @@ def _directory_pattern(directory: str) -> str:
     path = directory.rstrip("/")
     if not tars:
         return f"it holds no .tar file; give a shard pattern such as {path}/{{00000..00099}}.tar"
+    if len(tars) == 1:
+        return f"give its shard itself: {path}/{tars[0]}"
     first, last = (re.fullmatch(r"(.*?)(\d+)\.tar", name) for name in (tars[0], tars[-1]))
     if first and last and first.group(1) == last.group(1) and len(first.group(2)) == len(last.group(2)) \
             and len(tars) == int(last.group(2)) - int(first.group(2)) + 1:
