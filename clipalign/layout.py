@@ -45,7 +45,14 @@ arrays of part N and its metadata hold the same rows in the same order.
     embed.json                    EMBED_CONFIG_FILE        what made it: model, source, modalities, dim, dtype, counts
     img_emb/img_emb_NNNNN.npy     embedding_part()         float16 (n, D) L2-normalised image embeddings of part N
     text_emb/text_emb_NNNNN.npy   embedding_part()         float16 (n, D) L2-normalised text embeddings of part N
+                                                           (zeros in a row whose sample has no caption)
     metadata/metadata_NNNNN.parquet  metadata_part()       one row per sample: key, caption, where it came from
+    parts/plan.json               embed_plan_file()        written first: the model, input, settings and parts
+    parts/part_NNNNN.json         embed_part_marker()      written after part N's files: its rows and skip counts
+    run.lock                      RUN_LOCK_FILE            locked by the live run's main process: one writer at a time
+
+  embed.json is written last, once every part is: a directory without it is an unfinished embedding, which the same
+  command resumes (the parts with a marker are kept, the others embedded again).
 
 Nothing here imports model code, so every module can take its names from here (model.py reads exports, export.py
 writes them); safetensors, and torch with it, is imported only by the functions that read or write weights.
@@ -112,6 +119,8 @@ _TOWER_FILES = {"image": (IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_WEIGHTS),
 EMBED_CONFIG_FILE = "embed.json"
 EMBEDDING_DIRS = {"image": "img_emb", "text": "text_emb"}  # clip-retrieval's folder (and file) names
 METADATA_DIR = "metadata"
+EMBED_PARTS_DIR = "parts"  # what a resume reads: the plan, and a marker per finished part
+EMBED_PLAN_FILE = "plan.json"
 
 
 # ---- atomic writes -----------------------------------------------------------------------------------------------
@@ -259,6 +268,16 @@ def embedding_part(embed_dir: str | os.PathLike, modality: str, part: int) -> Pa
 def metadata_part(embed_dir: str | os.PathLike, part: int) -> Path:
     """The parquet table of one part's samples (the rows of its arrays, in order) in an embedding directory."""
     return Path(embed_dir) / METADATA_DIR / f"{METADATA_DIR}_{part:05d}.parquet"
+
+
+def embed_plan_file(embed_dir: str | os.PathLike) -> Path:
+    """The plan of an embedding run (model, input, settings, parts), written before any part."""
+    return Path(embed_dir) / EMBED_PARTS_DIR / EMBED_PLAN_FILE
+
+
+def embed_part_marker(embed_dir: str | os.PathLike, part: int) -> Path:
+    """The marker of a finished part, written after its arrays and metadata: its presence means part N is whole."""
+    return Path(embed_dir) / EMBED_PARTS_DIR / f"part_{part:05d}.json"
 
 
 # ---- run and checkpoint directories -----------------------------------------------------------------------------

@@ -196,6 +196,24 @@ def _existing_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def image_files(root: str | os.PathLike) -> list[Path]:
+    """The image files under a folder, as `folder_samples` finds them (recursively, hidden names left out), in sorted
+    relative-path order; for readers that take their captions later, one image at a time (`sidecar_captions`).
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        ShardInputError: it is not a directory.
+    """
+    return _image_files(_existing_dir(root, "input folder"))
+
+
+def sidecar_captions(image: str | os.PathLike) -> tuple[tuple[str, ...], str | None]:
+    """(captions, skip reason) of an image file from its `.txt` / `.json` sidecars, by `folder_samples`' rules: the
+    captions when there are some (reason None), else () and `no_caption`, `empty_caption` or `bad_text`."""
+    captions, _, skip = _sidecar_captions(Path(image))
+    return captions, skip
+
+
 def _image_files(root: Path) -> list[Path]:
     """Image files under `root` in sorted relative-path order; hidden names (`.DS_Store`, `._x.jpg`) are left out."""
     found = []
