@@ -1,0 +1,432 @@
+"""Embedding a corpus: the loop over this process's parts, and the `clipalign-embed` command.
+
+    clipalign-embed --model runs/quickstart/export --shards '/data/cc3m/{00000..00331}.tar' --out emb/cc3m
+    clipalign-embed --model runs/quickstart --folder photos/ --out emb/photos --modalities image
+    clipalign-embed --model export/ --table captions.parquet --caption-column text --modalities text --out emb/text
+    accelerate launch --num_processes 8 -m clipalign.embed --model export/ --shards '...' --out emb/cc3m
+
+Every process plans the same parts; the main process locks the output directory and says which parts are still to
+do (all, or those a killed run did not finish), and process r of N takes the r-th, (r + N)-th, ... of them. Each
+process writes its own parts; the main process writes embed.json once all have finished (a barrier), summing their
+counts from the parts' markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from clipalign import __version__
+from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
+from clipalign.embed.corpus import (
+    DEFAULT_PART_SIZE,
+    MODALITIES,
+    Corpus,
+    EmbedInputError,
+    PartBatches,
+    count_shard_samples,
+    plan_folder,
+    plan_shards,
+    plan_table,
+    resolve_modalities,
+)
+from clipalign.embed.store import DTYPE, EmbedDirError, finish, prepare, release, require_pyarrow, write_part
+from clipalign.model import DualEncoder, trim_padding
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODES = ("draft", "full")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# a process that finishes its parts waits at a barrier for the slowest; parts are dealt evenly, but shards differ
+_BARRIER_TIMEOUT = timedelta(hours=24)
+
+
+def embed_corpus(model: DualEncoder, corpus: Corpus, out_dir: str | os.PathLike, *,
+                 modalities: Sequence[str] | None = None, batch_size: int = 256, workers: int = 2,
+                 precision: str = "auto", decode: str = "draft", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 overwrite: bool = False, progress: bool = True, model_path: str | os.PathLike | None = None,
+                 ) -> dict[str, Any]:
+    """Embed `corpus` with `model` into the embedding directory `out_dir`, or finish an unfinished one there.
+
+    Every process of a launch calls it with the same arguments (the model on its own device); alone, it runs as one.
+
+    Args:
+        model: a `DualEncoder` (`clipalign.load`), on the device to run on.
+        corpus: from `plan_shards`, `plan_folder` or `plan_table`.
+        out_dir: the embedding directory (see `clipalign.embed`).
+        modalities: "image", "text" or both; None: every one the input has.
+        batch_size: samples per forward pass.
+        workers: DataLoader worker processes per process (decoding and tokenizing); 0 reads in this process.
+        precision: "fp32", "bf16" or "fp16" autocast; "auto": bf16 on a GPU that has it (else fp16), fp32 on CPU.
+        decode: "draft" decodes JPEGs much larger than the model's input at a reduced DCT scale, as training does
+            (faster, a pixel or so apart); "full" decodes every image whole, as `model.preprocess` does.
+        max_image_pixels: images with more pixels (header size) are skipped as `bad_image`, never decoded; 0: no
+            limit.
+        overwrite: replace an embedding directory there (finished or not, of anything).
+        progress: a progress bar on the main process (on a terminal only).
+        model_path: where the model came from, recorded in embed.json.
+
+    Returns:
+        embed.json's content.
+
+    Raises:
+        EmbedInputError, EmbedDirError: bad options or input, or an output directory it must not write into.
+    """
+    from accelerate import PartialState
+
+    require_pyarrow()
+    device = next(model.parameters()).device
+    modalities = resolve_modalities(corpus, modalities)
+    precision = resolve_precision(precision, device)
+    if decode not in DECODES:
+        raise EmbedInputError(f"--decode {decode!r}: expected one of {', '.join(DECODES)}")
+    if max_image_pixels < 0:
+        raise EmbedInputError(f"--max-image-pixels must be >= 0 (0: no limit), got {max_image_pixels}")
+    state = PartialState(cpu=device.type == "cpu", timeout=_BARRIER_TIMEOUT)
+    plan = _plan(model, corpus, modalities, precision, decode, max_image_pixels, model_path)
+    out_dir = Path(out_dir)
+    try:
+        todo = _from_main(state, lambda: prepare(out_dir, plan, overwrite))
+        parts = [corpus.parts[i] for i in todo[state.process_index::state.num_processes]]
+        _embed_parts(model, corpus, parts, out_dir, modalities, batch_size, workers, precision, decode,
+                     max_image_pixels, progress and state.is_main_process, (state.process_index, state.num_processes,
+                                                                            len(todo), len(corpus.parts)))
+        state.wait_for_everyone()
+        return _from_main(state, lambda: finish(out_dir, plan))
+    finally:
+        release(out_dir)
+
+
+def _from_main(state, work: Callable[[], Any]) -> Any:
+    """`work()`'s result on the main process, handed to every process; when it raises, every process raises (the
+    main one its own error, the others an `EmbedDirError` with its message), rather than the others waiting."""
+    from accelerate.utils import broadcast_object_list
+
+    answer: list[Any] = [None, None]
+    error = None
+    if state.is_main_process:
+        try:
+            answer[0] = work()
+        except Exception as e:
+            error, answer[1] = e, str(e)
+    if state.num_processes > 1:
+        broadcast_object_list(answer)
+    if error is not None:
+        raise error
+    if answer[1] is not None:
+        raise EmbedDirError(f"the main process stopped: {answer[1]}")
+    return answer[0]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The autocast precision of `precision` on `device` ("auto": bf16 on a GPU that has it, else fp16; fp32 on CPU).
+
+    Raises:
+        EmbedInputError: an unknown precision, or bf16 on a CPU without native bf16 (AVX-512 BF16 or AMX), where
+            PyTorch's fallback runs about 250x slower than fp32.
+    """
+    if precision not in PRECISIONS:
+        raise EmbedInputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "bf16" and device.type == "cpu" and _cpu_native_bf16() is False:
+        raise EmbedInputError("--precision bf16 on a CPU without AVX-512 BF16 or AMX: PyTorch's fallback bf16 matrix "
+                              "products run about 250x slower than fp32 here; use --precision fp32")
+    return precision
+
+
+def _cpu_native_bf16() -> bool | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return None
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A SHA-256 of the model's weights (names, shapes, dtypes, bytes): what a resume checks it embeds with."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _plan(model: DualEncoder, corpus: Corpus, modalities: Sequence[str], precision: str, decode: str,
+          max_image_pixels: int, model_path: str | os.PathLike | None) -> dict[str, Any]:
+    return {
+        "clipalign_version": __version__,
+        "model": {"path": str(Path(model_path).absolute()) if model_path else None, "name": model.name,
+                  "embed_dim": int(model.model_cfg["embed_dim"]), "fingerprint": model_fingerprint(model)},
+        "source": corpus.source,
+        "modalities": list(modalities),
+        "columns": list(corpus.columns),
+        "settings": {"precision": precision, "decode": decode if "image" in modalities else None,
+                     "max_image_pixels": max_image_pixels if "image" in modalities else None,
+                     "image_size": model.image_size if "image" in modalities else None},
+        "parts": [part.record() for part in corpus.parts],
+    }
+
+
+def _embed_parts(model: DualEncoder, corpus: Corpus, parts: list, out_dir: Path, modalities: Sequence[str],
+                 batch_size: int, workers: int, precision: str, decode: str, max_image_pixels: int, progress: bool,
+                 where: tuple[int, int, int, int]) -> None:
+    """Embed `parts` (this process's) and write each one as soon as its last batch is embedded."""
+    device = next(model.parameters()).device
+    dataset = PartBatches(corpus, parts, modalities, model.tokenizer if "text" in modalities else None,
+                          model.image_size, open_clip.get_model_preprocess_cfg(model.clip), batch_size,
+                          draft=decode == "draft", max_image_pixels=max_image_pixels)
+    loader = DataLoader(dataset, batch_size=None, num_workers=min(workers, len(parts)),
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers and parts else None)
+    dim = int(model.model_cfg["embed_dim"])
+    trims = model.trims_text
+    autocast = (torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST
+                else contextlib.nullcontext())
+    open_parts: dict[int, _PartRows] = {}
+    bar = _Progress(parts, corpus, progress, where)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for item in bar.wrap(iter(loader)):
+                rows = open_parts.setdefault(item["part"], _PartRows(time.perf_counter()))
+                if item.get("end"):
+                    del open_parts[item["part"]]
+                    _write(out_dir, corpus.parts[item["part"]], rows, item["counts"], modalities, corpus.columns, dim)
+                    bar.part_done()
+                    continue
+                n = len(item["meta"]["key"])
+                with autocast:
+                    if "image" in modalities:
+                        pixels = item["images"].to(device, non_blocking=True)
+                        rows.add("image", _unit_rows(model.encode_image(pixels, normalize=False)))
+                    if "text" in modalities:
+                        text = np.zeros((n, dim), dtype=DTYPE)
+                        if item["texts"] is not None:
+                            ids = trim_padding(item["texts"]) if trims else item["texts"]
+                            text[item["text_rows"]] = _unit_rows(model.encode_text(ids.to(device), normalize=False))
+                        rows.add("text", text)
+                rows.add_meta(item["meta"])
+    finally:
+        model.train(was_training)
+        bar.close()
+
+
+def _unit_rows(features: torch.Tensor) -> np.ndarray:
+    """L2-normalised rows in float32, stored as float16: normalising in a 16-bit autocast type would leave norms a
+    few parts in a thousand off."""
+    return torch.nn.functional.normalize(features.float(), dim=-1).to(torch.float16).cpu().numpy()
+
+
+class _PartRows:
+    """The embedded rows of one part while its batches come in."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.arrays: dict[str, list[np.ndarray]] = {}
+        self.meta: dict[str, list] = {}
+
+    def add(self, modality: str, rows: np.ndarray) -> None:
+        self.arrays.setdefault(modality, []).append(rows)
+
+    def add_meta(self, meta: dict[str, list]) -> None:
+        for column, values in meta.items():
+            self.meta.setdefault(column, []).extend(values)
+
+
+def _write(out_dir: Path, part, rows: _PartRows, counts, modalities: Sequence[str], columns: Sequence[str],
+           dim: int) -> None:
+    embeddings = {m: np.concatenate(rows.arrays[m]) if m in rows.arrays else np.zeros((0, dim), dtype=DTYPE)
+                  for m in modalities}
+    n = len(rows.meta.get("key", []))
+    meta = {column: rows.meta.get(column, []) for column in columns}
+    marker = {"part": part.index, "source": part.source, "rows": n, "samples": counts.read,
+              "skipped": dict(sorted(counts.skipped.items())), "zero_rows": dict(sorted(counts.zero_rows.items())),
+              "errors": counts.errors, "seconds": round(time.perf_counter() - rows.started, 3)}
+    write_part(out_dir, part.index, embeddings, meta, columns, marker)
+
+
+class _Progress:
+    """The main process's bar: its own samples with their rate and what remains of its share, and its parts.
+
+    The total is known for folders and tables; for local shards it is counted from their member headers in a
+    thread, and the bar shows the shards left until then (pipe: and remote shards: the shards left only)."""
+
+    def __init__(self, parts: list, corpus: Corpus, enabled: bool, where: tuple[int, int, int, int]):
+        rank, world, todo, everything = where
+        self.enabled = enabled and sys.stderr.isatty()
+        self.parts, self.done = len(parts), 0
+        self.sizes = [part.samples for part in parts]
+        self.counted: int | None = sum(self.sizes) if all(s is not None for s in self.sizes) else None
+        mine = f"process {rank + 1} of {world}: " if world > 1 else ""
+        kept = f", {everything - todo} finished before" if todo < everything else ""
+        self.bar = tqdm(total=self.counted, unit="sample", dynamic_ncols=True, disable=not self.enabled,
+                        desc=f"embedding ({mine}{self.parts} parts{kept})", smoothing=0.1)
+        self.urls = [corpus.urls[part.index] for part in parts] if corpus.kind == "shards" else []
+        self.bar.set_postfix_str(self._parts_left(), refresh=False)
+
+    def wrap(self, items):
+        if self.enabled and self.counted is None and self.urls:
+            # started once the DataLoader's workers exist: a fork while a thread runs is best avoided
+            threading.Thread(target=self._count, daemon=True).start()
+        for item in items:
+            if self.counted is not None and self.bar.total is None:
+                self.bar.total = self.counted
+            self.bar.update(item["read"])
+            yield item
+
+    def _count(self) -> None:
+        total = 0
+        for url in self.urls:
+            count = count_shard_samples(url)
+            if count is None:
+                return
+            total += count
+        self.counted = total
+
+    def _parts_left(self) -> str:
+        return f"{self.parts - self.done} parts left"
+
+    def part_done(self) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(self._parts_left())
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def _pixel_limit(text: str) -> int:
+    """argparse type of --max-image-pixels: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipalign-embed", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Embed a corpus (WebDataset shards, a folder of images, or a CSV/TSV/parquet table) with a "
+                    "trained model into an embedding directory: float16 arrays in img_emb/ and text_emb/, their rows' "
+                    "metadata in metadata/ (parquet), embed.json (clip-retrieval's layout, which autofaiss reads).",
+        epilog="A killed run resumes when the same command runs again. Under `accelerate launch` each process embeds "
+               "its own parts. See docs/embed.md.")
+    parser.add_argument("--model", required=True, help="export directory, checkpoint directory, or run directory "
+                                                       "(its latest checkpoint)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", metavar="PATTERN", help="WebDataset shards as data.train takes them: brace "
+                                                            "patterns, '::' between sources, pipe: URLs; one part each")
+    source.add_argument("--folder", metavar="DIR", help="images under DIR (recursively), captions from x.txt or x.json "
+                                                        "beside x.jpg")
+    source.add_argument("--table", metavar="FILE", help="a CSV, TSV or parquet table of image paths and/or captions")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the embedding directory to write (or resume)")
+    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, metavar="{image,text}",
+                        help="what to embed (default: both where the input has both)")
+    table = parser.add_argument_group("tables")
+    table.add_argument("--image-column", default="image", help="column of image paths (default: image)")
+    table.add_argument("--caption-column", default="caption", help="column of captions (default: caption)")
+    table.add_argument("--key-column", help="column of sample keys (default: the row number, from 0)")
+    table.add_argument("--image-root", metavar="DIR", help="where relative image paths start (default: the table's "
+                                                           "folder)")
+    table.add_argument("--table-format", choices=("csv", "tsv", "parquet"), help="default: from the extension")
+    parser.add_argument("--part-size", type=int, help=f"folders and tables: samples per part, the unit of resume "
+                                                      f"(default: {DEFAULT_PART_SIZE}); a shard is always one part")
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per process, which decode and "
+                                                               "tokenize (default: 2; 0: in the process itself)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast precision; auto: bf16 on GPUs (fp16 where bf16 is missing), fp32 on CPU")
+    parser.add_argument("--decode", choices=DECODES, default="draft",
+                        help="draft (default): decode large JPEGs at a reduced scale, as training does; full: decode "
+                             "every image whole, exactly as model.preprocess")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N "
+                                                         "(cuda:N for a single process)")
+    parser.add_argument("--max-image-pixels", type=_pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                        help=f"skip (as bad_image) images with more pixels than this, read from their header; 0 = no "
+                             f"limit (default: {DEFAULT_MAX_IMAGE_PIXELS})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an embedding directory at --out (finished "
+                                                                 "or not); other files there are never removed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _corpus(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Corpus:
+    if args.shards is not None:
+        if args.part_size is not None:
+            parser.error("--part-size applies to --folder and --table; with --shards each shard is one part")
+        return plan_shards(args.shards)
+    part_size = DEFAULT_PART_SIZE if args.part_size is None else args.part_size
+    if args.folder is not None:
+        return plan_folder(args.folder, part_size)
+    return plan_table(args.table, args.image_column, args.caption_column, args.key_column, args.image_root,
+                      args.table_format, part_size)
+
+
+def _device(spec: str):
+    """The PartialState of this launch and the device to load the model on."""
+    from accelerate import PartialState
+
+    cpu = spec == "cpu" or (spec == "auto" and not torch.accelerator.is_available())
+    state = PartialState(cpu=cpu, timeout=_BARRIER_TIMEOUT)
+    if spec in ("auto", "cpu") or state.num_processes > 1 or torch.device(spec).index is None:
+        return state, state.device
+    return state, torch.device(spec)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """`clipalign-embed`: embed a corpus with an export, checkpoint or run directory."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    state = None
+    try:
+        require_pyarrow()
+        corpus = _corpus(args, parser)
+        state, device = _device(args.device)
+        from clipalign.model import load
+
+        model = load(args.model, device=device)
+        config = embed_corpus(model, corpus, args.out, modalities=args.modalities, batch_size=args.batch_size,
+                              workers=args.workers, precision=args.precision, decode=args.decode,
+                              max_image_pixels=args.max_image_pixels, overwrite=args.overwrite,
+                              progress=not args.no_progress, model_path=args.model)
+    # a bad option or input, an output directory it must not write into: say what, in one line
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    finally:
+        if state is not None and state.use_distributed:
+            state.destroy_process_group()  # a gloo process that exits with its group open aborts the launch
+    if state.is_main_process:
+        skipped = ", ".join(f"{k}={v}" for k, v in config["skipped"].items()) or "none"
+        embedded = ", ".join(f"{m} {n}" for m, n in config["embedded"].items())
+        print(f"{config['rows']} rows ({embedded}) of {config['samples']} samples in {args.out}; skipped: {skipped}")
+    return config
+
+
+if __name__ == "__main__":
+    main()
