@@ -262,6 +262,18 @@ def test_csv_and_parquet_tables_with_image_only_and_text_only_runs(export, model
                                                                                   "table caption 1"]
 
 
+def test_captions_of_very_different_lengths_in_one_batch_embed_as_the_model_does(export, model, tmp_path):
+    # the text tower takes a batch in chunks sorted by length, each cut after its own longest caption
+    words = "a small red dog runs on the beach near two people".split()
+    captions = [" ".join(words[:1 + i % 11] * (1 + 3 * (i % 7 == 0))) for i in range(70)]
+    (tmp_path / "c.csv").write_text("caption\n" + "".join(f"{c}\n" for c in captions))
+    main(["--model", str(export), "--table", str(tmp_path / "c.csv"), "--out", str(tmp_path / "out"), "--workers",
+          "0", "--batch-size", "70", "--no-progress"])
+    assert load_metadata(tmp_path / "out").column("caption").to_pylist() == captions
+    got = load_embeddings(tmp_path / "out", "text").astype(np.float32)
+    assert np.abs(got - _encode_texts(model, captions)).max() < FP16_TOLERANCE
+
+
 def _refusal(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -5,7 +5,8 @@
 
 For each model, a randomly initialised model of that open_clip config is exported (`clipalign-export`'s directory,
 which open_clip loads as `local-dir:`), and a folder of `--images` synthetic photo-like JPEGs (tools/benchmark_data.py's
-drawing, stored with the given shorter side) with a caption beside each (`x.txt`, 8 to 30 words) is written, both
+drawing, stored with the given shorter side) with a caption beside each (`x.txt`; word counts lognormal around a
+median of 10, from 2 to 90, as web alt-texts run: mostly short, a few past the text context) is written, both
 under `--cache`. Then, alternating within every repeat (the order rotates), each of these embeds every image and
 caption of the folder into float16 arrays on disk:
 
@@ -55,7 +56,8 @@ from clipalign.export import export_model  # noqa: E402
 from clipalign.model import create_model, load  # noqa: E402
 
 VARIANTS = ("reference", "ours", "ours_full_decode")
-FORMAT_VERSION = 1  # bump when the folder's drawing or captions change
+FORMAT_VERSION = 2  # bump when the folder's drawing or captions change
+CAPTION_MEDIAN_WORDS = 10  # web alt-texts: mostly short, a long tail (lognormal, sigma 0.6: about 3% over 30 words)
 _WORDS = ("a photo of the small red dog cat car house tree person standing sitting near under on beside old new "
           "bright dark blue green yellow white black wooden metal street beach mountain river city room table window "
           "with and in at during morning evening night close view two three many people group").split()
@@ -73,7 +75,7 @@ def ensure_folder(cache: Path, images: int, size: int, seed: int = 0) -> Path:
     for i in range(images):
         width, height = stored_geometry(size, ASPECTS[i % len(ASPECTS)], "short")
         synthetic_photo(width, height, seed * 1_000_003 + i).save(root / f"{i:06d}.jpg", quality=JPEG_QUALITY)
-        words = rng.choice(_WORDS, size=int(rng.integers(8, 31)))
+        words = rng.choice(_WORDS, size=int(np.clip(round(rng.lognormal(np.log(CAPTION_MEDIAN_WORDS), 0.6)), 2, 90)))
         (root / f"{i:06d}.txt").write_text(" ".join(words) + "\n")
     marker.write_text("")
     return root

@@ -365,7 +365,7 @@ class PartBatches(IterableDataset):
         super().__init__()
         if batch_size < 1:
             raise EmbedInputError(f"--batch-size must be at least 1, got {batch_size}")
-        self.corpus, self.parts = corpus, list(parts)
+        self.corpus, self.parts, self.modalities = corpus, list(parts), tuple(modalities)
         self.images, self.texts = "image" in modalities, "text" in modalities
         self.tokenizer, self.image_size, self.batch_size = tokenizer, image_size, batch_size
         self.draft, self.max_image_pixels = draft, max_image_pixels

@@ -52,6 +52,7 @@ from clipalign.model import DualEncoder, trim_padding
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODES = ("draft", "full")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_CHUNKS, MIN_TEXT_CHUNK = 4, 16  # a batch's captions go through the text tower in this many chunks of this many
 # a process that finishes its parts waits at a barrier for the slowest; parts are dealt evenly, but shards differ
 _BARRIER_TIMEOUT = timedelta(hours=24)
 
@@ -103,9 +104,12 @@ def embed_corpus(model: DualEncoder, corpus: Corpus, out_dir: str | os.PathLike,
     try:
         todo = _from_main(state, lambda: prepare(out_dir, plan, overwrite))
         parts = [corpus.parts[i] for i in todo[state.process_index::state.num_processes]]
-        _embed_parts(model, corpus, parts, out_dir, modalities, batch_size, workers, precision, decode,
-                     max_image_pixels, progress and state.is_main_process, (state.process_index, state.num_processes,
-                                                                            len(todo), len(corpus.parts)))
+        dataset = PartBatches(corpus, parts, modalities, model.tokenizer if "text" in modalities else None,
+                              model.image_size, open_clip.get_model_preprocess_cfg(model.clip), batch_size,
+                              draft=decode == "draft", max_image_pixels=max_image_pixels)
+        bar = _Progress(parts, corpus, progress and state.is_main_process, state.process_index, state.num_processes,
+                        finished_before=len(corpus.parts) - len(todo))
+        _embed_parts(model, dataset, workers, precision, out_dir, bar)
         state.wait_for_everyone()
         return _from_main(state, lambda: finish(out_dir, plan))
     finally:
@@ -187,22 +191,18 @@ def _plan(model: DualEncoder, corpus: Corpus, modalities: Sequence[str], precisi
     }
 
 
-def _embed_parts(model: DualEncoder, corpus: Corpus, parts: list, out_dir: Path, modalities: Sequence[str],
-                 batch_size: int, workers: int, precision: str, decode: str, max_image_pixels: int, progress: bool,
-                 where: tuple[int, int, int, int]) -> None:
-    """Embed `parts` (this process's) and write each one as soon as its last batch is embedded."""
+def _embed_parts(model: DualEncoder, dataset: PartBatches, workers: int, precision: str, out_dir: Path,
+                 bar: _Progress) -> None:
+    """Embed the parts of `dataset` (this process's) and write each one as soon as its last batch is embedded."""
     device = next(model.parameters()).device
-    dataset = PartBatches(corpus, parts, modalities, model.tokenizer if "text" in modalities else None,
-                          model.image_size, open_clip.get_model_preprocess_cfg(model.clip), batch_size,
-                          draft=decode == "draft", max_image_pixels=max_image_pixels)
-    loader = DataLoader(dataset, batch_size=None, num_workers=min(workers, len(parts)),
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers and parts else None)
+    corpus, modalities = dataset.corpus, dataset.modalities
+    loader = DataLoader(dataset, batch_size=None, num_workers=min(workers, len(dataset.parts)),
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers and dataset.parts else None)
     dim = int(model.model_cfg["embed_dim"])
     trims = model.trims_text
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST
                 else contextlib.nullcontext())
     open_parts: dict[int, _PartRows] = {}
-    bar = _Progress(parts, corpus, progress, where)
     was_training = model.training
     model.eval()
     try:
@@ -214,16 +214,15 @@ def _embed_parts(model: DualEncoder, corpus: Corpus, parts: list, out_dir: Path,
                     _write(out_dir, corpus.parts[item["part"]], rows, item["counts"], modalities, corpus.columns, dim)
                     bar.part_done()
                     continue
-                n = len(item["meta"]["key"])
                 with autocast:
                     if "image" in modalities:
                         pixels = item["images"].to(device, non_blocking=True)
                         rows.add("image", _unit_rows(model.encode_image(pixels, normalize=False)))
                     if "text" in modalities:
-                        text = np.zeros((n, dim), dtype=DTYPE)
+                        text = torch.zeros((len(item["meta"]["key"]), dim), dtype=torch.float16, device=device)
                         if item["texts"] is not None:
-                            ids = trim_padding(item["texts"]) if trims else item["texts"]
-                            text[item["text_rows"]] = _unit_rows(model.encode_text(ids.to(device), normalize=False))
+                            features = _encode_texts(model, item["texts"].to(device, non_blocking=True), trims)
+                            text[torch.tensor(item["text_rows"], device=device)] = _unit_rows(features)
                         rows.add("text", text)
                 rows.add_meta(item["meta"])
     finally:
@@ -231,21 +230,36 @@ def _embed_parts(model: DualEncoder, corpus: Corpus, parts: list, out_dir: Path,
         bar.close()
 
 
-def _unit_rows(features: torch.Tensor) -> np.ndarray:
+def _encode_texts(model: DualEncoder, ids: torch.Tensor, trims: bool) -> torch.Tensor:
+    """Text features of token ids (T, L), in the rows' order. Where the tower allows cutting the padding
+    (`trim_padding`), the rows go in `TEXT_CHUNKS` chunks sorted by length, each cut after its own longest caption:
+    one long caption then costs its chunk, not the whole batch, what captions of a real corpus (mostly short, a few
+    long) need."""
+    if not trims:
+        return model.encode_text(ids, normalize=False)
+    lengths = (ids != 0).sum(dim=1)
+    order = lengths.argsort()
+    chunk = max(MIN_TEXT_CHUNK, -(-len(order) // TEXT_CHUNKS))
+    features = [model.encode_text(trim_padding(ids[rows]), normalize=False) for rows in order.split(chunk)]
+    return torch.cat(features)[order.argsort()]
+
+
+def _unit_rows(features: torch.Tensor) -> torch.Tensor:
     """L2-normalised rows in float32, stored as float16: normalising in a 16-bit autocast type would leave norms a
     few parts in a thousand off."""
-    return torch.nn.functional.normalize(features.float(), dim=-1).to(torch.float16).cpu().numpy()
+    return torch.nn.functional.normalize(features.float(), dim=-1).to(torch.float16)
 
 
 class _PartRows:
-    """The embedded rows of one part while its batches come in."""
+    """The embedded rows of one part while its batches come in; kept on the device until the part is written, so that
+    no batch waits for the one before it to come back."""
 
     def __init__(self, started: float):
         self.started = started
-        self.arrays: dict[str, list[np.ndarray]] = {}
+        self.arrays: dict[str, list[torch.Tensor]] = {}
         self.meta: dict[str, list] = {}
 
-    def add(self, modality: str, rows: np.ndarray) -> None:
+    def add(self, modality: str, rows: torch.Tensor) -> None:
         self.arrays.setdefault(modality, []).append(rows)
 
     def add_meta(self, meta: dict[str, list]) -> None:
@@ -255,7 +269,7 @@ class _PartRows:
 
 def _write(out_dir: Path, part, rows: _PartRows, counts, modalities: Sequence[str], columns: Sequence[str],
            dim: int) -> None:
-    embeddings = {m: np.concatenate(rows.arrays[m]) if m in rows.arrays else np.zeros((0, dim), dtype=DTYPE)
+    embeddings = {m: torch.cat(rows.arrays[m]).cpu().numpy() if m in rows.arrays else np.zeros((0, dim), dtype=DTYPE)
                   for m in modalities}
     n = len(rows.meta.get("key", []))
     meta = {column: rows.meta.get(column, []) for column in columns}
@@ -271,14 +285,13 @@ class _Progress:
     The total is known for folders and tables; for local shards it is counted from their member headers in a
     thread, and the bar shows the shards left until then (pipe: and remote shards: the shards left only)."""
 
-    def __init__(self, parts: list, corpus: Corpus, enabled: bool, where: tuple[int, int, int, int]):
-        rank, world, todo, everything = where
+    def __init__(self, parts: list, corpus: Corpus, enabled: bool, rank: int, world: int, finished_before: int):
         self.enabled = enabled and sys.stderr.isatty()
         self.parts, self.done = len(parts), 0
         self.sizes = [part.samples for part in parts]
         self.counted: int | None = sum(self.sizes) if all(s is not None for s in self.sizes) else None
         mine = f"process {rank + 1} of {world}: " if world > 1 else ""
-        kept = f", {everything - todo} finished before" if todo < everything else ""
+        kept = f", {finished_before} finished before" if finished_before else ""
         self.bar = tqdm(total=self.counted, unit="sample", dynamic_ncols=True, disable=not self.enabled,
                         desc=f"embedding ({mine}{self.parts} parts{kept})", smoothing=0.1)
         self.urls = [corpus.urls[part.index] for part in parts] if corpus.kind == "shards" else []
