@@ -189,6 +189,20 @@ def test_the_layout_reads_with_numpy_pyarrow_and_faiss(shard_run):
     assert found[:, 0].tolist() == [0, 1, 2]
 
 
+def test_a_shard_cut_short_keeps_the_samples_before_the_cut_and_counts_once(export, shards, tmp_path):
+    whole = Path(shards.split("/a-")[0]) / "a-1.tar"
+    data = whole.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:len(data) // 2])  # inside the third of its four samples
+    out = tmp_path / "out"
+    main(["--model", str(export), "--shards", f"{whole}::{tmp_path / 'cut.tar'}", "--out", str(out), "--workers", "0",
+          "--no-progress"])
+    config = read_embed_config(out)
+    assert config["skipped"] == {"unreadable_tar": 1} and config["rows"] == 4 + 2
+    assert load_metadata(out).column("key").to_pylist()[4:] == ["a1-0", "a1-1"]
+    (cut,) = [part for part in config["parts"] if part.get("errors")]
+    assert cut["part"] == 1 and "cut.tar" in cut["errors"][0] and cut["skipped"] == {"unreadable_tar": 1}
+
+
 def _folder(root: Path) -> Path:
     (root / "sub").mkdir(parents=True)
     for i in range(5):
@@ -309,6 +323,21 @@ def test_refusals_name_what_is_wrong_in_one_line(export, shards, shard_run, tmp_
     (tmp_path / "u.csv").write_text("image,caption\nhttps://example.com/a.jpg,a cat\n")
     err = _refusal(base + ["--table", str(tmp_path / "u.csv"), "--out", str(tmp_path / "x")], capsys)
     assert "holds a URL" in err
+
+    # another live run holds the directory
+    held = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from clipalign.layout import lock_run_dir; "
+                               "lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(120)", str(held)],
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _refusal(base + ["--folder", str(folder), "--out", str(held)], capsys)
+        assert f"{held} is being written by another run (pid {holder.pid} holds" in err
+    finally:
+        holder.kill()
+        holder.wait()
 
     # an unfinished embedding of something else: the plan is there, no embed.json
     unfinished = tmp_path / "unfinished"

@@ -317,7 +317,7 @@ class _Progress:
         self.counted = total
 
     def _parts_left(self) -> str:
-        return f"{self.parts - self.done} parts left"
+        return f"parts left: {self.parts - self.done}"
 
     def part_done(self) -> None:
         self.done += 1
