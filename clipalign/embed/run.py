@@ -233,8 +233,7 @@ def _embed_parts(model: DualEncoder, dataset: PartBatches, workers: int, precisi
 def _encode_texts(model: DualEncoder, ids: torch.Tensor, trims: bool) -> torch.Tensor:
     """Text features of token ids (T, L), in the rows' order. Where the tower allows cutting the padding
     (`trim_padding`), the rows go in `TEXT_CHUNKS` chunks sorted by length, each cut after its own longest caption:
-    one long caption then costs its chunk, not the whole batch, what captions of a real corpus (mostly short, a few
-    long) need."""
+    one long caption then lengthens its own chunk only, as web captions (mostly short, a few long) need."""
     if not trims:
         return model.encode_text(ids, normalize=False)
     lengths = (ids != 0).sum(dim=1)
