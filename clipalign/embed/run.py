@@ -343,7 +343,7 @@ def _pixel_limit(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="clipalign-embed", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="clipalign-embed",
         description="Embed a corpus (WebDataset shards, a folder of images, or a CSV/TSV/parquet table) with a "
                     "trained model into an embedding directory: float16 arrays in img_emb/ and text_emb/, their rows' "
                     "metadata in metadata/ (parquet), embed.json (clip-retrieval's layout, which autofaiss reads).",
@@ -367,11 +367,14 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--image-root", metavar="DIR", help="where relative image paths start (default: the table's "
                                                            "folder)")
     table.add_argument("--table-format", choices=("csv", "tsv", "parquet"), help="default: from the extension")
-    parser.add_argument("--part-size", type=int, help=f"folders and tables: samples per part, the unit of resume "
-                                                      f"(default: {DEFAULT_PART_SIZE}); a shard is always one part")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per process, which decode and "
-                                                               "tokenize (default: 2; 0: in the process itself)")
+    parser.add_argument("--part-size", type=int, metavar="N",
+                        help=f"folders and tables: samples per part, the unit of resume (default: "
+                             f"{DEFAULT_PART_SIZE}); a shard is always one part")
+    parser.add_argument("--batch-size", type=int, default=256, metavar="N",
+                        help="samples per forward pass (default: 256)")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="DataLoader workers per process, which decode and tokenize (default: 2; 0: in the "
+                             "process itself)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast precision; auto: bf16 on GPUs (fp16 where bf16 is missing), fp32 on CPU")
     parser.add_argument("--decode", choices=DECODES, default="draft",
