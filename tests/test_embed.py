@@ -17,12 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from multiproc import accelerate_launch_cmd
 from PIL import Image
 
 import clipalign
-from clipalign.config import ModelConfig
+from clipalign.checkpoint import save_checkpoint
+from clipalign.config import Config, ModelConfig
 from clipalign.data.sample import SKIP_REASONS
 from clipalign.embed import load_embeddings, load_metadata, main, read_embed_config
 from clipalign.export import export_model
@@ -76,10 +78,30 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
+def trained():
     torch.manual_seed(0)
-    model = create_model(ModelConfig(name="tiny-vit-64")).eval()
-    return export_model(model, tmp_path_factory.mktemp("model") / "export")
+    return create_model(ModelConfig(name="tiny-vit-64")).eval()
+
+
+@pytest.fixture(scope="module")
+def export(trained, tmp_path_factory) -> Path:
+    return export_model(trained, tmp_path_factory.mktemp("model") / "export")
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained, tmp_path_factory) -> Path:
+    """A run directory whose one checkpoint holds the exported model."""
+    cfg = Config()
+    cfg.model.name = "tiny-vit-64"
+    run = tmp_path_factory.mktemp("model") / "run"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        accelerator.prepare(trained)  # save_state only writes models that went through prepare
+        save_checkpoint(accelerator, run, 7, cfg, {"samples_seen": 56})
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +236,12 @@ def _folder(root: Path) -> Path:
     return root
 
 
-def test_a_folder_in_parts_and_workers_gives_the_same_rows_as_one_part(export, model, tmp_path):
+def test_a_folder_in_parts_and_workers_gives_the_same_rows_as_one_part(export, run_dir, model, tmp_path):
     folder = _folder(tmp_path / "photos")
     one, many = tmp_path / "one", tmp_path / "many"
-    main(["--model", str(export), "--folder", str(folder), "--out", str(one), "--workers", "0", "--no-progress"])
+    # a run directory (its latest checkpoint) embeds as the export of the same weights
+    main(["--model", str(run_dir), "--folder", str(folder), "--out", str(one), "--workers", "0", "--no-progress"])
+    assert read_embed_config(one)["model"]["path"] == str(run_dir)
     main(["--model", str(export), "--folder", str(folder), "--out", str(many), "--workers", "2", "--part-size", "2",
           "--batch-size", "1", "--no-progress"])
     config = read_embed_config(many)
