@@ -321,7 +321,7 @@ def _refusal(argv: list[str], capsys) -> str:
     return err
 
 
-def test_refusals_name_what_is_wrong_in_one_line(export, shards, shard_run, tmp_path, capsys):
+def test_refusals_name_what_is_wrong_in_one_line(export, run_dir, shards, shard_run, tmp_path, capsys):
     base = ["--model", str(export), "--workers", "0", "--no-progress"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
@@ -370,7 +370,8 @@ def test_refusals_name_what_is_wrong_in_one_line(export, shards, shard_run, tmp_
     embed_part_marker(unfinished, 0).unlink()
     err = _refusal(base + ["--folder", str(folder), "--out", str(unfinished), "--decode", "full"], capsys)
     assert "holds an unfinished embedding of something else (settings decode: was draft, now full)" in err
-    main(base + ["--folder", str(folder), "--out", str(unfinished)])  # the same command resumes it
+    # the same weights read from elsewhere resume it too (a fingerprint, not a path, names the model)
+    main(base[:1] + [str(run_dir)] + base[2:] + ["--folder", str(folder), "--out", str(unfinished)])
     assert read_embed_config(unfinished)["rows"] == 1
     main(base + ["--folder", str(folder), "--out", str(unfinished), "--overwrite", "--decode", "full"])
     assert read_embed_config(unfinished)["settings"]["decode"] == "full"

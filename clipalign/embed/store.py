@@ -40,8 +40,10 @@ if TYPE_CHECKING:
 
 DTYPE = "float16"
 NORMALIZATION = "l2"  # every embedding row has unit L2 norm (computed in float32, then stored as float16)
-# what a resume compares between the plan on disk and its own, in this order (the first difference is reported)
+# what a resume compares between the plan on disk and its own, in this order (the first difference is reported);
+# the model by its weights, not by where they were read from
 COMPARED = ("model", "source", "modalities", "settings", "parts")
+_NOT_COMPARED = {"model": ("path",)}
 _OURS = (EMBED_CONFIG_FILE, *EMBEDDING_DIRS.values(), METADATA_DIR, EMBED_PARTS_DIR)
 _COLUMN_TYPES = {"key": "string", "caption": "string", "shard": "string", "image_path": "string", "row": "int64"}
 
@@ -110,6 +112,8 @@ def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What differs between two plans, in a few words ("" when they agree on everything a resume compares)."""
     for key in COMPARED:
         was, now = old.get(key), new.get(key)
+        if isinstance(was, dict) and isinstance(now, dict):
+            was, now = ({k: v for k, v in d.items() if k not in _NOT_COMPARED.get(key, ())} for d in (was, now))
         if was == now:
             continue
         if isinstance(was, dict) and isinstance(now, dict):
