@@ -400,7 +400,7 @@ def test_a_killed_run_resumes_and_embeds_each_sample_once(export, shards, shard_
     # the shards come through a slow pipe: command, so that the kill lands while parts remain
     urls = [u for source in shards.split("::") for u in (
         [source.replace("{0..1}", "0"), source.replace("{0..1}", "1")] if "{" in source else [source])]
-    slow = "::".join(f"pipe:sleep 1.5; cat {url}" for url in urls)
+    slow = "::".join(f"pipe:sleep 1; cat {url}" for url in urls)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "clipalign.embed", "--model", str(export), "--shards", slow, "--out", str(out),
            "--workers", "0", "--batch-size", "3", "--no-progress"]
