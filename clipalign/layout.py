@@ -54,6 +54,14 @@ arrays of part N and its metadata hold the same rows in the same order.
   embed.json is written last, once every part is: a directory without it is an unfinished embedding, which the same
   command resumes (the parts with a marker are kept, the others embedded again).
 
+An index directory (`clipalign-index`), named as clip-retrieval's index folder names its files: the ids in an index
+are the rows of the embedding directory's parts taken in order, so row i's metadata is part and row of the same i.
+
+    index.json                    INDEX_CONFIG_FILE        what each index holds: embedding dir, model, kind, faiss
+                                                           factory key, search parameters, recall@10, build time, sizes
+    image.index                   index_file()             faiss index of the image embeddings (faiss.write_index)
+    text.index                    index_file()             the same for the text embeddings, when built
+
 Nothing here imports model code, so every module can take its names from here (model.py reads exports, export.py
 writes them); safetensors, and torch with it, is imported only by the functions that read or write weights.
 
@@ -121,6 +129,10 @@ EMBEDDING_DIRS = {"image": "img_emb", "text": "text_emb"}  # clip-retrieval's fo
 METADATA_DIR = "metadata"
 EMBED_PARTS_DIR = "parts"  # what a resume reads: the plan, and a marker per finished part
 EMBED_PLAN_FILE = "plan.json"
+
+# ---- index directory --------------------------------------------------------------------------------------------
+INDEX_CONFIG_FILE = "index.json"
+INDEX_FILES = {"image": "image.index", "text": "text.index"}  # clip-retrieval's names
 
 
 # ---- atomic writes -----------------------------------------------------------------------------------------------
@@ -278,6 +290,14 @@ def embed_plan_file(embed_dir: str | os.PathLike) -> Path:
 def embed_part_marker(embed_dir: str | os.PathLike, part: int) -> Path:
     """The marker of a finished part, written after its arrays and metadata: its presence means part N is whole."""
     return Path(embed_dir) / EMBED_PARTS_DIR / f"part_{part:05d}.json"
+
+
+# ---- index directories ------------------------------------------------------------------------------------------
+
+
+def index_file(index_dir: str | os.PathLike, modality: str) -> Path:
+    """The faiss index of one modality's ("image" or "text") embeddings in an index directory."""
+    return Path(index_dir) / INDEX_FILES[modality]
 
 
 # ---- run and checkpoint directories -----------------------------------------------------------------------------
