@@ -1,4 +1,4 @@
-"""Search an index directory by text, by image or by an indexed sample (`clipalign-search`).
+"""Search an index directory by text, by image or by an indexed sample (`clipalign-search`); `--serve` serves a page.
 
 The model is the one index.json names (the embedding directory's, from its embed.json); a text query goes through
 the text tower, an image through the image tower, and either searches the image index (images that match) or the
@@ -366,13 +366,14 @@ def _print_hits(searcher: Searcher, query: str, modality: str, hits: list[Hit]) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`clipalign-search`: query an index directory (clipalign-index's) by text, image or key."""
+    """`clipalign-search`: query an index directory (clipalign-index's) by text, image or key, or serve its page."""
     parser = argparse.ArgumentParser(prog="clipalign-search", description=main.__doc__)
     parser.add_argument("index_dir", help="index directory (index.json, image.index, text.index)")
     query = parser.add_mutually_exclusive_group()
     query.add_argument("--text", help="find images (or captions) that match this text")
     query.add_argument("--image", help="find images (or captions) that match this image file")
     query.add_argument("--key", help="find images (or captions) like the indexed sample with this key")
+    query.add_argument("--serve", action="store_true", help="serve a search page instead")
     parser.add_argument("-k", type=int, default=10, help="how many results (default 10)")
     parser.add_argument("--modality", choices=MODALITIES, default="image",
                         help="search the image index (default) or the text index (captions)")
@@ -380,11 +381,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", help="the model, if it is no longer where the embeddings say")
     parser.add_argument("--embeddings", help="the embedding directory, if it is no longer where the index says")
     parser.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
+    parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (default 127.0.0.1; "
+                                                            "0.0.0.0 lets other machines in)")
+    parser.add_argument("--port", type=int, default=8000, help="--serve: the port (default 8000; 0: any free one)")
     args = parser.parse_args(argv)
-    if args.text is None and args.image is None and args.key is None:
-        parser.error("give a query: --text, --image or --key")
+    if args.text is None and args.image is None and args.key is None and not args.serve:
+        parser.error("give a query (--text, --image or --key) or --serve")
     try:
         searcher = Searcher(args.index_dir, model=args.model, embeddings=args.embeddings, device=args.device)
+        if args.serve:
+            from clipalign.search_page import serve
+
+            searcher.model  # noqa: B018 - load it now, so a bad model stops here rather than at the first query
+            serve(searcher, args.host, args.port)
+            return
         if args.text is not None:
             hits, label = searcher.search_text(args.text, args.k, args.modality), f"text {_short(args.text)}"
         elif args.image is not None:
