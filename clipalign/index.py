@@ -511,7 +511,7 @@ def build_index(embeddings: Embeddings, plan: IndexPlan, other: Embeddings | Non
         return found
 
     name, values = _search_parameter(index)
-    tuning = []
+    tuning, reached = [], None
     if count and name:
         tune_sets = sets(tune_rows)
         chosen = None
@@ -522,16 +522,19 @@ def build_index(embeddings: Embeddings, plan: IndexPlan, other: Embeddings | Non
             if min(recalls) >= recall_target:
                 chosen = value
                 break
+            if len(tuning) > 2 and min(recalls) < min(tuning[-3]["recall"]) + 0.001:
+                break  # two doublings gained nothing: quantised codes cap recall, and more lists only cost time
         if chosen is None:  # the codes cap recall below the target: the cheapest value within 0.5 % of the best
             best = max(min(t["recall"]) for t in tuning)
             chosen = next(t[name] for t in tuning if min(t["recall"]) >= best - 0.005)
+        reached = chosen == tuning[-1][name] and min(tuning[-1]["recall"]) >= recall_target
         _set_parameter(index, name, chosen)
     recall = None
     if count:
         report = [_recall_at_k(index, embeddings, s) for s in sets(report_rows)]
         recall = {"k": k, "queries": int(count), "same_modality": round(report[0], 4),
                   "cross_modal": round(report[1], 4) if len(report) > 1 else None,
-                  "target": recall_target, "tuning": tuning}
+                  "target": recall_target, "target_reached": reached, "tuning": tuning}
     params = {"nlist": plan.nlist, "pq_bytes": plan.pq_bytes}
     if name:
         params[name] = int(_faiss_parameter(index, name))
@@ -691,6 +694,8 @@ def describe_record(record: dict[str, Any], path: str | os.PathLike | None = Non
         if recall.get("cross_modal") is not None:
             other = next(m for m in MODALITIES if m != record["modality"])
             line += f", {recall['cross_modal']:.3f} on their {other} embeddings"
+        if recall.get("target_reached") is False:
+            line += f" (below --recall-target {recall['target']} at every setting tried: the codes cap it)"
     line += f"; built in {record['build_seconds']:.1f} s"
     if path is not None:
         line += f"; {_human(record['index_bytes'])} -> {path}"

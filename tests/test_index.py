@@ -110,7 +110,7 @@ def test_over_the_flat_size_an_inverted_file_reaches_its_recall_target(tmp_path)
     assert nlist == 256 and nlist == nlist_for(20_000, 20_000 - 400)  # 4*sqrt(N) = 566 -> 512, halved: 39 per list
     assert nprobe < nlist  # approximate: it does not search every list
     recall = record["recall"]
-    assert recall["queries"] == 200 and recall["cross_modal"] is None
+    assert recall["queries"] == 200 and recall["cross_modal"] is None and recall["target_reached"] is True
     assert 0.93 <= recall["same_modality"] <= 1.0  # tuned to 0.95 on other queries: the same, up to sampling
     tried = [t["nprobe"] for t in recall["tuning"]]
     assert tried == [2 ** i for i in range(len(tried))] and tried[-1] == nprobe
