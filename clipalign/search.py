@@ -392,7 +392,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.serve:
             from clipalign.search_page import serve
 
-            searcher.model  # noqa: B018 - load it now, so a bad model stops here rather than at the first query
             serve(searcher, args.host, args.port)
             return
         if args.text is not None:

@@ -65,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
             name, content_type = _STATIC[url.path]
             self._send(resources.files(__package__).joinpath(name).read_bytes(), content_type)
         elif url.path == "/api/info":
-            self._json(self.server.info)
+            self._json(self.server.searcher.describe())
         elif url.path == "/api/search":
             self._search(params)
         elif url.path == "/api/image":
@@ -153,7 +153,6 @@ class _SearchServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], searcher: Searcher):
         self.searcher = searcher
-        self.info = searcher.describe()
         self.loopback = address[0] in _LOOPBACK
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -175,11 +174,16 @@ def make_server(searcher: Searcher, host: str = "127.0.0.1", port: int = 0) -> t
 
 
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the search page until interrupted, printing its URL first."""
-    server, url = make_server(searcher, host, port)
-    info = searcher.describe()
-    print(f"serving {url}  (model {info['model']['name']}, index {info['index']}); Ctrl-C to stop", flush=True)
+    """Serve the search page until interrupted, printing its URL once it answers.
+
+    Raises:
+        SearchError: the address cannot be listened on, or the model does not load.
+    """
+    server, url = make_server(searcher, host, port)  # first: a port in use is said before the slow model load
     try:
+        searcher.model  # noqa: B018 - loaded now, so that a bad model stops here and the first query is not slow
+        info = searcher.describe()
+        print(f"serving {url}  (model {info['model']['name']}, index {info['index']}); Ctrl-C to stop", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
