@@ -1,6 +1,6 @@
 """clipalign-index and clipalign-search from the command line: exact and approximate faiss indexes of an embedding
 directory, their recall against exact search, the round trip through the index directory, search output and one-line
-errors. Real faiss, a real tiny model, real files; about 25 s on 2 CPU cores."""
+errors. Real faiss, a real tiny model, real files; about 20 s on 2 busy CPU cores."""
 
 from __future__ import annotations
 

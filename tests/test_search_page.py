@@ -2,7 +2,7 @@
 through Debian's `chromedriver`. A query typed, the grid of images shown (from files and out of a tar shard), an image
 clicked and the results following it, the back button; empty, huge and unknown input shown as messages while the
 server keeps answering; requests for files outside the API refused. A screenshot of the grid is kept as an artifact
-($CLIPALIGN_TEST_ARTIFACTS, else the pytest temporary directory) and its path printed. About 30 s on 2 CPU cores."""
+($CLIPALIGN_TEST_ARTIFACTS, else the pytest temporary directory) and its path printed. About 25 s on 2 busy cores."""
 
 from __future__ import annotations
 
