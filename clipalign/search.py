@@ -241,10 +241,12 @@ class Searcher:
 
     def _image_path(self, record: dict[str, Any]) -> str | None:
         """The image file of a metadata row: `image_path` (relative ones from the source folder), else `path` where it
-        is a file."""
+        names an image file (it may name the shard or table a sample came from)."""
+        from clipalign.data.sample import IMAGE_EXTENSIONS
+
         for column in ("image_path", "path"):
             value = record.get(column)
-            if not value:
+            if not value or (column == "path" and Path(value).suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS):
                 continue
             path = Path(value)
             if not path.is_absolute():

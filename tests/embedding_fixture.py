@@ -72,8 +72,8 @@ def make_embedding_dir(root: Path, model_dir: Path, samples: int = 40, image_siz
         table = {"key": [keys[i] for i in rows], "caption": [drawn[i][1] for i in rows]}
         if n == 0:
             table.update(image_path=[str(files[i]) for i in rows], path=[str(files[i]) for i in rows])
-        else:
-            table.update(shard=[str(shard)] * len(rows))
+        else:  # `path` says where a sample came from: here the shard, which is no image to show
+            table.update(shard=[str(shard)] * len(rows), path=[str(shard)] * len(rows))
         metadata_part(out, n).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(table), metadata_part(out, n))
     config = {"model": {"path": str(model_dir), "name": model.name}, "embed_dim": int(vectors.shape[1]),
