@@ -231,9 +231,17 @@ class Searcher:
             raise SearchError(f"{self.index_dir}: no {modality} index (it holds: {', '.join(self.modalities)})")
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise SearchError(f"k={k!r}: expected a whole number from 1 to {MAX_K}")
-        scores, rows = self.indexes[modality].search(vector, k)
+        # a sample without a caption has a row of zeros in the text embeddings (clipalign-embed keeps the parts'
+        # rows aligned): it is no match for any query, so it is left out of text results
+        # embed.json counts them per modality and reason: {"text": {"no_caption": n}}
+        zero_rows = (self.embed_config.get("zero_rows") or {}).get(modality, {})
+        extra = sum(zero_rows.values()) if modality == "text" else 0
+        scores, rows = self.indexes[modality].search(vector, k + extra)
         found = [(float(s), int(r)) for s, r in zip(scores[0], rows[0]) if r >= 0]
         records = self.metadata.take([r for _, r in found]).to_pylist()
+        if extra:
+            kept = [(hit, rec) for hit, rec in zip(found, records) if rec.get("caption") is not None][:k]
+            found, records = [hit for hit, _ in kept], [rec for _, rec in kept]
         return [Hit(rank, round(score, 4), row, str(rec["key"]), rec.get("caption"), self._image_path(rec),
                     rec.get("shard")) for rank, ((score, row), rec) in enumerate(zip(found, records), start=1)]
 

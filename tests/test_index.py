@@ -249,3 +249,37 @@ def test_a_model_that_moved_is_named_and_can_be_given(embedded, indexed, tmp_pat
     code, out, _ = _run(search_module.main, [str(moved_index), "--text", "a red circle", "--model", str(embedded[0]),
                                              "-k", "1"], capsys)
     assert code == 0 and len(out.splitlines()) == 3
+
+
+def test_clipalign_embed_output_is_indexed_and_searched_end_to_end(tmp_path):
+    """What clipalign-embed writes of a folder (one image without a caption among them) is what the index and the
+    search read: hits carry their files, and the captionless sample's zero text row never comes back."""
+    import random
+
+    from embedding_fixture import tiny_export
+
+    from clipalign.data.synthetic import draw_sample
+    from clipalign.embed import embed_corpus
+    from clipalign.embed.corpus import plan_folder
+    from clipalign.index import index_embeddings
+    from clipalign.search import Searcher
+
+    rng = random.Random(3)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):
+        image, caption, _ = draw_sample(rng, 48)
+        image.save(folder / f"{i:02d}.jpg")
+        if i != 5:
+            (folder / f"{i:02d}.txt").write_text(caption)
+    import clipalign
+
+    model_dir = tiny_export(tmp_path / "model")
+    embed_corpus(clipalign.load(model_dir), plan_folder(folder), tmp_path / "emb", batch_size=8, workers=0,
+                 progress=False, model_path=model_dir)
+    index_embeddings(tmp_path / "emb", tmp_path / "idx", progress=False)
+    searcher = Searcher(tmp_path / "idx")
+    hits = searcher.search_text("a red circle", k=12, modality="image")
+    assert len(hits) == 12 and all(Path(hit.image_path).is_file() for hit in hits)
+    texts = searcher.search_text("a red circle", k=12, modality="text")
+    assert len(texts) == 11 and all(hit.caption for hit in texts)  # 05.jpg has no caption: no text row to find
