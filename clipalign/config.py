@@ -248,6 +248,20 @@ class ExportConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = _key("", 'distil from this teacher: a clipalign export, checkpoint or run directory, or an '
+                            'open_clip model name (with teacher_pretrained); "" = no distillation')
+    teacher_pretrained: str = _key("", "with an open_clip model name as teacher: its pretrained tag (downloads) or a "
+                                       "local weights file")
+    weight: float = _key(1.0, "the run's loss is the contrastive (or sigmoid) loss + weight x the distillation term",
+                         ">= 0")
+    embeddings: str = _key("", "a clipalign-embed directory of the teacher's image and text embeddings of the "
+                               "training shards, looked up by key instead of running the teacher")
+    teacher_logit_scale: float = _key(0.0, "with embeddings: the teacher's temperature multiplier (exponentiated); 0 "
+                                           "= embed.json's", ">= 0")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -256,6 +270,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -58,6 +58,7 @@ def check_run(cfg: Config, world: int) -> tuple[Path | None, list[str]]:
     if cfg.data.train or not cfg.data.synthetic:
         expand_shards(cfg.data.train)
     check_val(cfg, world)
+    check_distill(cfg)
     warnings = check_evaluation(cfg)
     if cfg.export.dir:
         from clipalign.export import check_export_target
@@ -194,6 +195,28 @@ def check_val(cfg: Config, world: int) -> None:
         why = f" (skipped: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))})" if skipped else ""
         raise ConfigError(f"data.val holds {found} usable samples{why}, fewer than {need}: give it more samples or "
                           f"use a smaller data.batch_size")
+
+
+def check_distill(cfg: Config) -> None:
+    """distill.*: a teacher that is a directory or an open_clip model name with weights, embeddings that exist. (The
+    teacher itself is loaded with the model, and embeddings' keys are checked against the first shard then.)"""
+    teacher, pretrained, embeddings = cfg.distill.teacher, cfg.distill.teacher_pretrained, cfg.distill.embeddings
+    if embeddings and not os.path.isdir(embeddings):
+        raise ConfigError(f"distill.embeddings: {embeddings!r} is not a directory (make one with clipalign-embed)")
+    if pretrained and not teacher:
+        raise ConfigError(f"distill.teacher_pretrained={pretrained!r} without distill.teacher: name the open_clip "
+                          f"model those weights are of")
+    if teacher and not embeddings and not os.path.exists(teacher):
+        import open_clip
+
+        if open_clip.get_model_config(teacher) is None:
+            raise ConfigError(f"distill.teacher: {teacher!r} is neither a directory (a clipalign export, checkpoint or "
+                              f"run) nor an open_clip model name")
+        if not pretrained:
+            raise ConfigError(f"distill.teacher={teacher!r} is a model name without weights: set "
+                              f"distill.teacher_pretrained to a pretrained tag or a local weights file")
+        if os.sep in pretrained and not os.path.isfile(pretrained):
+            raise ConfigError(f"distill.teacher_pretrained: {pretrained!r} does not exist")
 
 
 # ---- evaluation and export ------------------------------------------------------------------------------------

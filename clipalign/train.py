@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,6 +259,8 @@ class _Run:
     memory_format: torch.memory_format
     sharded_state: tuple | None  # (model, optimizer, scheduler) of a sharded run: what its checkpoints save
     compile_report: CompileReport | None
+    teacher: Callable[..., dict] | None = None  # distillation: a micro-batch -> the teacher's features (no gradients)
+    teacher_tokenizer: Tokenizer | None = None  # what the data workers tokenize for a teacher of another tokenizer
 
 
 @dataclass
@@ -311,7 +314,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
                 # data.decode=device: JPEG rows are decoded here; rows nothing decodes are counted like the workers'
                 # skips
                 images, decode_skipped = to_device(batch, run.memory_format)
-                micro_batches.append((images, texts.to(accelerator.device, non_blocking=True)))
+                micro_batches.append((images, texts.to(accelerator.device, non_blocking=True), batch))
                 window.skipped.update(batch["skipped"])
                 window.skipped.update(decode_skipped)
                 window.filtered.update(batch.get("filtered", {}))
@@ -324,7 +327,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, log_with: str |
             # accumulated micro-batches are scored together: negatives come from the whole accumulated batch;
             # the first step also counts the FLOPs of a step, for the MFU estimate
             with window.counting_flops():
-                loss = forward_backward(model, loss_fn, micro_batches, accelerator)
+                loss = forward_backward(model, loss_fn, micro_batches, accelerator, run.teacher)
             if sharded:
                 sync_replicated_grads(raw_model)  # the temperature (and bias): whole on every process, outside FSDP
             samples_seen += global_batch
@@ -438,8 +441,46 @@ def _build(cfg: Config, accelerator: Accelerator) -> _Run:
     if not sharded:  # DDP through Accelerate; a sharded model, its optimizer and schedule are used as they are
         prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw = accelerator.unwrap_model(prepared)
-    return _Run(prepared, raw, build_loss(cfg.loss), optimizer, scheduler, memory_format,
-                (raw, optimizer, scheduler) if sharded else None, compile_report)
+    loss_fn = build_loss(cfg.loss)
+    teacher, teacher_tokenizer = _teacher(cfg, accelerator, raw)
+    if teacher is not None:
+        from clipalign.distill import DistillationLoss
+
+        loss_fn = DistillationLoss(loss_fn, cfg.distill.weight)
+    return _Run(prepared, raw, loss_fn, optimizer, scheduler, memory_format,
+                (raw, optimizer, scheduler) if sharded else None, compile_report, teacher, teacher_tokenizer)
+
+
+def _teacher(cfg: Config, accelerator: Accelerator, student: DualEncoder) -> tuple[Callable | None, Tokenizer | None]:
+    """distill.*: the teacher's view of a micro-batch, `(images, token ids, batch) -> its features and scale`, and the
+    tokenizer the data workers run for it (None where the student's ids serve). (None, None) without a teacher."""
+    if not (cfg.distill.teacher or cfg.distill.embeddings):
+        return None, None
+    from clipalign.distill import Teacher, TeacherEmbeddings, load_teacher, same_tokenizer, shard_keys
+
+    device = accelerator.device
+    if cfg.distill.embeddings:  # precomputed: looked up by sample key, no teacher forward
+        table = TeacherEmbeddings(cfg.distill.embeddings, cfg.distill.teacher_logit_scale or None)
+        first = expand_shards(cfg.data.train)[0][0] if cfg.data.train else ""
+        if first and os.path.isfile(first):  # the run refuses embeddings that are not of its shards
+            table.check_keys(shard_keys(first), first)
+        return (lambda images, texts, batch: table(batch["keys"], device)), None
+    model = load_teacher(cfg.distill)
+    own_tokens = not same_tokenizer(model.tokenizer, student.tokenizer)
+    if cfg.train.sharding == "fsdp":  # sharded like the student, so that a teacher larger than a device fits
+        shard_model(model, device, cfg.train.precision, offload=cfg.train.fsdp_offload)
+    else:
+        model.to(device)
+    teacher = Teacher(model, student.image_size, own_tokens)
+
+    def view(images: torch.Tensor, texts: torch.Tensor, batch: dict) -> dict:
+        ids = batch["teacher_texts"] if own_tokens else batch["texts"]  # full length: the teacher trims its own
+        ids = trim_padding(ids) if model.trims_text and cfg.train.trim_text else ids
+        return teacher(images, ids.to(device, non_blocking=True))
+
+    accelerator.print(f"distilling from {cfg.distill.teacher} (weight {cfg.distill.weight}"
+                      f"{', its own tokenizer' if own_tokens else ''}; image size {model.image_size})")
+    return view, (model.tokenizer if own_tokens else None)
 
 
 def _take_run_dir(cfg: Config, accelerator: Accelerator, run_dir: Path) -> None:
@@ -525,7 +566,8 @@ def _data(cfg: Config, accelerator: Accelerator, run: _Run, state: dict, step: i
                                captions=cfg.data.captions,  # caption sources and weights; {} = the default rule
                                sample_filter=sample_filter,  # curation: before decoding, counted as `filtered`
                                # the model's resize (interpolation, resize mode), the one its evaluation uses
-                               preprocess_cfg=getattr(run.raw.clip.visual, "preprocess_cfg", None), **stream_args)
+                               preprocess_cfg=getattr(run.raw.clip.visual, "preprocess_cfg", None),
+                               teacher_tokenizer=run.teacher_tokenizer, **stream_args)
     return _Data(iter(loader), dict(positions), streams)
 
 

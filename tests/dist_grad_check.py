@@ -13,6 +13,10 @@ With `--accum K` each rank splits its local batch into K micro-batches and runs 
 gradient-cache accumulation (`clipalign.accumulate.forward_backward`); the reference is still one process on the
 whole batch, so the check is that accumulation across processes gives the gradients of the single big batch.
 
+With `--distill W` a frozen teacher (another tiny model, another embedding width) joins: the loss is the contrastive
+loss + W x the distillation term (`clipalign.distill`), and the reference adds W x the distillation term of one
+process on the whole batch, written out here.
+
 On a machine without GPUs, `--multi_gpu` alone leaves Accelerate at DistributedType.NO (no DDP wrapping); this script
 passes `cpu=True` there, which selects gloo and DDP (the same as exporting ACCELERATE_USE_CPU=true).
 """
@@ -37,6 +41,7 @@ from dist_common import (
 
 from clipalign.accumulate import forward_backward
 from clipalign.config import ModelConfig
+from clipalign.distill import DistillationLoss, Teacher
 from clipalign.loss import ContrastiveLoss, SigmoidLoss
 from clipalign.model import create_model
 
@@ -49,6 +54,7 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=1, help="micro-batches per rank (gradient-cache accumulation)")
     p.add_argument("--tile-size", type=int, default=4096, help="tiled: columns per tile")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--distill", type=float, default=0.0, help="distillation weight; 0 = no teacher")
     p.add_argument("--local-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
@@ -88,12 +94,20 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
     if args.dtype == "float64":  # the model would normalise uint8 images in float32
         images = (images.double() - model.pixel_mean.double()) / model.pixel_std.double()
 
+    teacher, loss_fn = None, _loss_fn(args)
+    if args.distill:
+        torch.manual_seed(args.seed + 1)
+        teacher_model = create_model(ModelConfig(name="tiny-vit-64", embed_dim=96)).to(model.pixel_mean.dtype).eval()
+        teacher_model.requires_grad_(False)
+        teacher = Teacher(teacher_model, model.image_size, own_tokens=False)
+        loss_fn = DistillationLoss(loss_fn, args.distill)
     ddp_model = accelerator.prepare(model)
     local_images = images[rank * b:(rank + 1) * b].to(accelerator.device)
     local_tokens = tokens[rank * b:(rank + 1) * b].to(accelerator.device)
     micro = b // args.accum
     micro_batches = [(local_images[i:i + micro], local_tokens[i:i + micro]) for i in range(0, b, micro)]
-    loss = forward_backward(ddp_model, _loss_fn(args), micro_batches, accelerator)
+    view = None if teacher is None else (lambda images, texts, *batch: teacher(images, texts))
+    loss = forward_backward(ddp_model, loss_fn, micro_batches, accelerator, view)
     losses = accelerator.gather(loss[None]).tolist()  # (N,)
     if not accelerator.is_main_process:
         return {}
@@ -105,6 +119,9 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
     else:
         ref_loss = reference_contrastive_loss(ref_out["image_features"], ref_out["text_features"],
                                               ref_out["logit_scale"], args.label_smoothing)
+    if teacher is not None:
+        taught = teacher(images, tokens)
+        ref_loss = ref_loss + args.distill * _reference_distillation(ref_out, taught)
     ref_loss.backward()
     grads = grad_diffs({name: p.grad for name, p in accelerator.unwrap_model(ddp_model).named_parameters()},
                        reference)
@@ -123,6 +140,15 @@ def _check_gradients(accelerator: Accelerator, args: argparse.Namespace) -> dict
     }
 
 
+def _reference_distillation(student: dict, teacher: dict) -> torch.Tensor:
+    """The distillation term of one process on the whole batch, written out independently of clipalign.distill."""
+    s_i2t = student["logit_scale"] * student["image_features"] @ student["text_features"].T  # (B_global, B_global)
+    t_i2t = teacher["logit_scale"] * teacher["image_features"] @ teacher["text_features"].T
+    i2t = -(t_i2t.softmax(dim=1) * s_i2t.log_softmax(dim=1)).sum(dim=1).mean()
+    t2i = -(t_i2t.T.softmax(dim=1) * s_i2t.T.log_softmax(dim=1)).sum(dim=1).mean()
+    return (i2t + t2i) / 2
+
+
 def main() -> None:
     args = _parse_args()
 
@@ -131,7 +157,7 @@ def main() -> None:
         if args.mismatch:
             result["mismatch_error"] = _mismatch_error(accelerator, args)
         result.update(kind=args.kind, mode=args.mode, exchange=args.exchange, accum=args.accum,
-                      tile_size=args.tile_size, local_batch=args.local_batch, dtype=args.dtype)
+                      tile_size=args.tile_size, local_batch=args.local_batch, dtype=args.dtype, distill=args.distill)
         return result
 
     run_and_report(args.out, check)

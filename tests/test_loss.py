@@ -27,6 +27,8 @@ _RUNS = {
     "tiled-4-smoothing": (4, ["--mode", "tiled", "--tile-size", "5", "--label-smoothing", "0.1"]),
     # gradient-cache accumulation, 4 micro-batches per rank: the gradients of the single big batch
     "local-2-accum4": (2, ["--mode", "local", "--accum", "4"]),
+    # distillation from a frozen teacher: the same invariant, with accumulation, over the gathered global batch
+    "local-2-accum2-distill": (2, ["--mode", "local", "--accum", "2", "--distill", "0.5"]),
     "tiled-4-accum4": (4, ["--mode", "tiled", "--tile-size", "5", "--accum", "4", "--label-smoothing", "0.1"]),
     "sigmoid-ring-2-accum4": (2, ["--kind", "sigmoid", "--exchange", "ring", "--accum", "4"]),
     "sigmoid-gather-4-accum4": (4, ["--kind", "sigmoid", "--exchange", "gather", "--accum", "4"]),

@@ -73,6 +73,10 @@ MISTAKES = {
                              "{files}/shards/train-{{000000..000001}}.tar (2 shards)"),
     "classnames missing": (["eval.zeroshot={files}/folder", "eval.classnames={files}/nope.txt"],
                            "eval.classnames: '{files}/nope.txt' is neither a file nor a built-in set"),
+    "teacher unknown": (["distill.teacher={files}/no-teacher"],
+                        "distill.teacher: '{files}/no-teacher' is neither a directory (a clipalign export"),
+    "teacher weights missing": (["distill.teacher=ViT-B-32"], "distill.teacher='ViT-B-32' is a model name without "
+                                                                "weights"),
 }
 
 

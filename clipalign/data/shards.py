@@ -610,6 +610,8 @@ class ShardStream(IterableDataset):
             `DeviceDecoder` in the training process (other images are still decoded in the workers).
         decode_budget_mb: with `device`, the decoded size (MiB of RGB) of one batch's device rows at most; the largest
             JPEGs past it are decoded in the workers.
+        teacher_tokenizer: distillation from a teacher with its own tokenizer: each batch also carries the captions'
+            ids for it, `teacher_texts`.
         max_image_pixels: images with more pixels (header size) are skipped as `bad_image`, never decoded; 0: no
             limit (`data.max_image_pixels`).
         preprocess_cfg: the model's preprocess config (`open_clip.get_model_preprocess_cfg`): its `interpolation`
@@ -636,8 +638,10 @@ class ShardStream(IterableDataset):
                  max_source_failures: int = 10, batch_timeout: float = 600.0, heartbeats: bool = False,
                  max_unusable: int = 20_000,
                  heartbeat_every: float | None = None, captions: dict[str, float] | None = None,
-                 sample_filter: SampleFilter | None = None, decode_budget_mb: float = DEFAULT_DECODE_BUDGET_MB):
+                 sample_filter: SampleFilter | None = None, decode_budget_mb: float = DEFAULT_DECODE_BUDGET_MB,
+                 teacher_tokenizer: Tokenizer | None = None):
         super().__init__()
+        self.teacher_tokenizer = teacher_tokenizer
         self.sample_filter = sample_filter
         # the sources' names and weights, checked as data.captions is (ValueError naming the bad entry)
         self.caption_sources = check_caption_sources(captions) if captions else None
@@ -770,6 +774,8 @@ class ShardStream(IterableDataset):
                           if self.decode == "device"
                           else {"images": torch.stack(images)})
                 paused_at = time.monotonic()
+                if self.teacher_tokenizer is not None:  # distillation from a teacher with a tokenizer of its own
+                    pixels["teacher_texts"] = self.teacher_tokenizer(captions)
                 yield {**pixels, "texts": self.tokenizer(captions), "keys": keys, "skipped": guard.take(),
                        "filtered": guard.take_filtered(), "position": (stream, cursor.epoch, cursor.emitted)}
                 guard.resumed(paused_at, batch=True)
