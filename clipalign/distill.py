@@ -167,7 +167,7 @@ class TeacherEmbeddings:
             raise ConfigError(f"distill.embeddings: {root}: {len(self.image)} image and {len(self.text)} text "
                               f"embeddings for {len(keys)} keys")
         self.rows = {key: row for row, key in enumerate(keys)}
-        scale = logit_scale if logit_scale else info.get("logit_scale")
+        scale = logit_scale or (info.get("model") or {}).get("logit_scale") or info.get("logit_scale")
         if not scale:
             raise ConfigError(f"distill.embeddings: {root} does not record its model's logit scale; set "
                               f"distill.teacher_logit_scale (the teacher's exponentiated temperature, e.g. 100)")

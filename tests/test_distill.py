@@ -90,43 +90,42 @@ def test_a_teacher_that_cannot_be_had_is_refused_naming_the_key(tmp_path):
         load_teacher(DistillConfig(teacher=str(tmp_path), teacher_pretrained="x"))
 
 
-def _embedding_dir(root: Path, keys: list[str], dim: int = 8) -> Path:
-    """The clipalign-embed layout by hand: two parts of image and text arrays, metadata with the keys."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def test_precomputed_embeddings_are_clipalign_embeds_looked_up_by_key_and_must_cover_the_shards(tmp_path):
+    import random
 
-    from clipalign.layout import EMBED_CONFIG_FILE, embedding_part, metadata_part
+    import clipalign
+    from clipalign.data.synthetic import draw_sample
+    from clipalign.data.writer import image_to_bytes, write_shards
+    from clipalign.embed import embed_corpus
+    from clipalign.embed.corpus import plan_shards
+    from clipalign.export import export_model
 
-    rng = np.random.default_rng(0)
-    half = len(keys) // 2
-    for part, chunk in enumerate((keys[:half], keys[half:])):
-        for modality in ("image", "text"):
-            path = embedding_part(root, modality, part)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, rng.normal(size=(len(chunk), dim)).astype(np.float16))
-        metadata_part(root, part).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"key": chunk}), metadata_part(root, part))
-    (root / EMBED_CONFIG_FILE).write_text(json.dumps({"logit_scale": 42.0}))
-    return root
-
-
-def test_precomputed_embeddings_are_looked_up_by_key_and_must_cover_the_shards(tmp_path):
-    from clipalign.data.writer import write_shards
-
-    keys = [f"{i:09d}" for i in range(6)]
-    table = TeacherEmbeddings(_embedding_dir(tmp_path / "emb", keys))
-    out = table(["000000004", "000000001"], torch.device("cpu"))
-    assert out["image_features"].shape == (2, 8) and out["logit_scale"].item() == 42.0
-    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2))
-    rows = np.load(tmp_path / "emb" / "img_emb" / "img_emb_00001.npy")  # keys 3..5
-    assert torch.allclose(out["image_features"][0], F.normalize(torch.tensor(rows[1], dtype=torch.float32), dim=0))
-    shards = write_shards([{"__key__": k, "txt": "a caption"} for k in [*keys[:3], "other"]], tmp_path / "shards")
-    assert shard_keys(shards[0]) == [*keys[:3], "other"]
-    with pytest.raises(ConfigError, match=r"has no embedding of 1 of the 4 samples of .*train-000000.tar, e.g. key "
-                                          r"'other'"):
-        table.check_keys(shard_keys(shards[0]), str(shards[0]))
-    with pytest.raises(KeyError, match="no embedding of sample 'other'"):
-        table(["other"], torch.device("cpu"))
+    rng = random.Random(0)
+    samples = []
+    for i in range(10):
+        image, caption, _ = draw_sample(rng, 64)
+        samples.append({"__key__": f"{i:09d}", "jpg": image_to_bytes(image, "jpg"), "txt": caption})
+    shards = write_shards(samples, tmp_path / "shards", samples_per_shard=5)
+    torch.manual_seed(2)
+    teacher = export_model(create_model(ModelConfig(name="tiny-vit-64", embed_dim=96)), tmp_path / "teacher")
+    model = clipalign.load(teacher)
+    embed_corpus(model, plan_shards(f"{tmp_path}/shards/train-{{000000..000001}}.tar"), tmp_path / "emb",
+                 batch_size=4, workers=0, progress=False, model_path=teacher)
+    table = TeacherEmbeddings(tmp_path / "emb")  # the teacher's temperature from embed.json
+    assert table.logit_scale == pytest.approx(model.clip.logit_scale.exp().item(), rel=1e-5)
+    table.check_keys(shard_keys(shards[0]), str(shards[0]))  # every key of the first shard is there
+    out = table(["000000007", "000000002"], torch.device("cpu"))
+    with torch.no_grad():
+        expected = model.encode_text(model.tokenizer([samples[7]["txt"], samples[2]["txt"]]))
+    assert out["text_features"].shape == (2, 96) and torch.allclose(out["text_features"], expected, atol=2e-3)
+    other = write_shards([{"__key__": "stranger", "txt": "x"}], tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"has no embedding of 1 of the 1 samples of .*train-000000.tar, e.g. key "
+                                          r"'stranger'"):
+        table.check_keys(shard_keys(other[0]), str(other[0]))
+    with pytest.raises(KeyError, match="no embedding of sample 'stranger'"):
+        table(["stranger"], torch.device("cpu"))
+    with pytest.raises(ConfigError, match="is not an embedding directory"):
+        TeacherEmbeddings(tmp_path / "shards")
 
 
 @pytest.mark.slow

@@ -23,12 +23,12 @@ rows (in order). Metadata columns:
     image_path   folders and tables: the image file's absolute path (null for a table row without one)
     row          tables: the row number in the table, from 0
 
-embed.json: `clipalign_version`; `model` (`path`, `name`, `embed_dim`, `fingerprint`: a SHA-256 of its weights);
-`source` (the input and how it was read); `modalities`; `embed_dim`; `dtype` (float16); `normalization` (l2);
-`rows` (of every array, over all parts); `embedded` (per modality, the rows that hold an embedding); `zero_rows`
-(text rows left as zeros, by reason); `samples` (read); `skipped` (samples without a row, by reason); `columns`;
-`folders`; `settings` (precision, decode, max_image_pixels, image_size); `parts` (part, source, rows, and any
-skips, zero rows or read errors of each).
+embed.json: `clipalign_version`; `model` (`path`, `name`, `embed_dim`, `fingerprint`: a SHA-256 of its weights,
+`logit_scale`); `source` (the input and how it was read); `modalities`; `embed_dim`; `dtype` (float16);
+`normalization` (l2); `rows` (of every array, over all parts); `embedded` (per modality, the rows that hold an
+embedding); `zero_rows` (text rows left as zeros, by reason); `samples` (read); `skipped` (samples without a row, by
+reason); `columns`; `folders`; `settings` (precision, decode, max_image_pixels, image_size); `parts` (part, source,
+rows, and any skips, zero rows or read errors of each).
 
 Which samples become rows, and the skip reasons: `clipalign.embed.corpus`. Reading it back: `load_embeddings`,
 `load_metadata`, or numpy and pyarrow/pandas directly (docs/embed.md).

@@ -180,7 +180,9 @@ def _plan(model: DualEncoder, corpus: Corpus, modalities: Sequence[str], precisi
     return {
         "clipalign_version": __version__,
         "model": {"path": str(Path(model_path).absolute()) if model_path else None, "name": model.name,
-                  "embed_dim": int(model.model_cfg["embed_dim"]), "fingerprint": model_fingerprint(model)},
+                  "embed_dim": int(model.model_cfg["embed_dim"]), "fingerprint": model_fingerprint(model),
+                  # its temperature multiplier: what a run distilling from these embeddings scores them with
+                  "logit_scale": round(float(model.clip.logit_scale.detach().exp()), 6)},
         "source": corpus.source,
         "modalities": list(modalities),
         "columns": list(corpus.columns),
