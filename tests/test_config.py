@@ -40,7 +40,7 @@ def test_unknown_key_names_key_and_valid_keys(tmp_path):
 
 
 def test_unknown_section_and_bad_override_syntax():
-    with pytest.raises(ConfigError, match="unknown section 'optimizer'.*valid sections: data, eval"):
+    with pytest.raises(ConfigError, match="unknown section 'optimizer'.*valid sections: data, distill, eval"):
         load_config(None, ["optimizer.lr=1"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(None, ["train.steps"])

@@ -341,10 +341,10 @@ def separator_hint(columns: Sequence[str] | None, tab_fix: str) -> str:
         return ""
     header = columns[0]
     if "\t" in header:
-        return f" The header looks tab-separated ({header.count(chr(9)) + 1} columns): {tab_fix}."
+        return f" The header looks tab-separated ({len(header.split(chr(9)))} columns): {tab_fix}."
     if ";" in header:
-        return (f" The header looks semicolon-separated ({header.count(';') + 1} columns): save the table with commas "
-                f"or tabs.")
+        return (f" The header looks semicolon-separated ({len(header.split(';'))} columns): save the table with "
+                f"commas or tabs.")
     return ""
 
 
