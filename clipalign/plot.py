@@ -83,7 +83,14 @@ def _read_lines(run_dir: str | Path) -> tuple[list[dict], list[dict], list[dict]
             val.append(record)
         else:
             train.append(record)
-    return train, zeroshot, val
+    return _last_per_step(train), _last_per_step(zeroshot), _last_per_step(val)
+
+
+def _last_per_step(records: list[dict]) -> list[dict]:
+    """One record per step, the last logged, in step order: a run resumed after a kill trains (and logs) again the
+    steps after its checkpoint, and those later records are the run's."""
+    by_step = {record.get("step"): record for record in records}
+    return sorted(by_step.values(), key=lambda record: record.get("step", 0))
 
 
 _NOT_CURVES = ("num_images", "num_classes", "num_texts")

@@ -97,7 +97,7 @@ def check_output_dir(cfg: Config, run_dir: Path) -> None:
     if not outputs or cfg.train.overwrite:
         return
     if cfg.train.resume == "auto" or (cfg.train.resume and _inside(run_dir, Path(cfg.train.resume))):
-        return  # continued; with resume=auto and no checkpoint the run starts over (see `start_over`)
+        return  # continued (with resume=auto and no checkpoint yet, from step 0, its logs appended to)
     steps = list_checkpoints(run_dir)
     held = ", ".join(outputs) + (f"; checkpoints up to {steps[-1].name}" if steps else "")
     raise ConfigError(f"train.output_dir {run_dir} holds another run ({held}): continue it with train.resume=auto, "
@@ -114,11 +114,11 @@ def _inside(run_dir: Path, path: Path) -> bool:
 
 
 def start_over(cfg: Config, run_dir: Path) -> list[str]:
-    """Delete the outputs of the run in `run_dir` (its own files only) when train.overwrite asks for it, or when
-    train.resume=auto finds no checkpoint to continue from (the earlier launch left only logs of steps this one
-    redoes). Returns what was deleted. Call it on one process, holding the run directory's lock."""
+    """Delete the outputs of the run in `run_dir` (its own files only) when train.overwrite asks for it; returns what
+    was deleted. Call it on one process, holding the run directory's lock. (A run continued with train.resume appends
+    to its logs, as after any resume: the records of steps it trains again come later, and readers keep the last.)"""
     outputs = run_outputs(run_dir)
-    if not outputs or not (cfg.train.overwrite or (cfg.train.resume == "auto" and latest_checkpoint(run_dir) is None)):
+    if not outputs or not cfg.train.overwrite:
         return []
     export = export_dir(cfg) if cfg.export.dir else None
     for name in outputs:

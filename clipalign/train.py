@@ -500,8 +500,7 @@ def _take_run_dir(cfg: Config, accelerator: Accelerator, run_dir: Path) -> None:
     if accelerator.is_main_process:
         cleared = start_over(cfg, run_dir)
         if cleared:
-            why = "train.overwrite=true" if cfg.train.overwrite else "no checkpoint to resume"
-            accelerator.print(f"starting {run_dir} over ({why}): removed {', '.join(cleared)}")
+            accelerator.print(f"starting {run_dir} over (train.overwrite=true): removed {', '.join(cleared)}")
         cfg.save(run_dir / RUN_CONFIG_FILE)
     accelerator.wait_for_everyone()
 

@@ -54,6 +54,14 @@ def test_partial_last_line_is_ignored_but_damage_elsewhere_is_named(tmp_path):
         read_metrics(run)
 
 
+def test_a_resumed_runs_steps_logged_again_keep_their_last_record(tmp_path):
+    run = _write_run(tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as f:  # killed after step 30, resumed from a checkpoint at step 20
+        f.write(json.dumps({"step": 30, "samples": 1920, "loss": 0.5, "logit_scale": 17.0, "lr": 1e-3}) + "\n")
+    train, _ = read_metrics(run)
+    assert [r["step"] for r in train] == [10, 20, 30] and train[-1]["loss"] == 0.5
+
+
 def test_errors_name_the_missing_file_or_empty_run(tmp_path):
     with pytest.raises(SystemExit, match=r"nowhere/metrics\.jsonl: no such metrics file"):
         main([str(tmp_path / "nowhere")])
