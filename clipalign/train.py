@@ -567,7 +567,11 @@ def _data(cfg: Config, accelerator: Accelerator, run: _Run, state: dict, step: i
                                # the model's resize (interpolation, resize mode), the one its evaluation uses
                                preprocess_cfg=getattr(run.raw.clip.visual, "preprocess_cfg", None),
                                teacher_tokenizer=run.teacher_tokenizer, **stream_args)
-    return _Data(iter(loader), dict(positions), streams)
+    # starting the loader draws its seed from torch's generator: on a fork of it, so that the training steps draw
+    # (dropout) from where a checkpoint's saved state left it, resumed or not
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(loader)
+    return _Data(batches, dict(positions), streams)
 
 
 def _finish(cfg: Config, accelerator: Accelerator, run: _Run, run_dir: Path, resume: Path | None, step: int,
