@@ -172,6 +172,13 @@ class OptimConfig:
     grad_clip: float = _key(0.0, "max gradient norm; 0 = off", ">= 0")
     fused: bool = _key(True, "AdamW's fused kernel (one kernel for all parameters; CPU and CUDA); false = per-tensor "
                              "loop")
+    layer_decay: float = _key(1.0, "layer-wise lr decay: lr x layer_decay^(layers below the top of the parameter's "
+                                   "tower), embeddings lowest, final norm, projection and temperature on top; 1 = off",
+                              "(0, 1]")
+    no_decay: list[str] = _key(["ndim<2", "logit_scale"], "parameters AdamW does not decay: ndim<2 (every parameter "
+                                                          "below 2-D: gains, biases, norms) and fnmatch patterns on "
+                                                          "parameter names (visual.positional_embedding, *.bias); the "
+                                                          "list replaces the default")
 
 
 @dataclass

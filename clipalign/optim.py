@@ -5,21 +5,46 @@ keeps of its recipe's settings.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from clipalign import finetune
 from clipalign.config import Config
 
+NO_DECAY = (finetune.BELOW_2D, "logit_scale")  # optim.no_decay's default: what CLIP leaves undecayed
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on gains, biases, norms and the logit scale (anything below 2-D), as in CLIP."""
-    decay, no_decay = [], []
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 no_decay: Sequence[str] = NO_DECAY) -> list[dict]:
+    """AdamW groups of the trainable parameters of a `DualEncoder` (or an open_clip model).
+
+    Without layer decay: [decayed, undecayed], the parameters `no_decay` names (`clipalign.finetune.skips_decay`;
+    by default those below 2-D and the logit scale, as in CLIP) undecayed. With `layer_decay` < 1: one such pair per
+    distance from the top of a tower (`clipalign.finetune.layer_distances`), top first, each with its `lr_scale`
+    (layer_decay ** distance); empty groups are left out.
+
+    Raises:
+        ConfigError: a `no_decay` pattern that matches no parameter, or layer decay on a tower of unknown layers.
+    """
+    clip = getattr(model, "clip", model)
+    prefix = "clip." if clip is not model else ""
+    names = [name.removeprefix(prefix) for name, _ in model.named_parameters()]
+    finetune.check_no_decay(names, [p for p in no_decay if p not in NO_DECAY])  # a typo would change nothing
+    distances = finetune.layer_distances(clip) if layer_decay != 1.0 else {}
+    groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {(0, False): [], (0, True): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        name = name.removeprefix(prefix)
+        groups.setdefault((distances.get(name, 0), finetune.skips_decay(name, p, no_decay)), []).append(p)
+    if layer_decay == 1.0:
+        return [{"params": groups[(0, False)], "weight_decay": weight_decay},
+                {"params": groups[(0, True)], "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": 0.0 if undecayed else weight_decay,
+             "lr_scale": layer_decay ** distance}
+            for (distance, undecayed), params in sorted(groups.items()) if params]
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -38,7 +63,10 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Op
                                                                   torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over `model`'s parameter groups and its warmup + cosine schedule, as the recipe's optim.* keys say."""
     # fused: one kernel over all parameters; torch's default on CPU is a per-tensor loop, 17x slower on the tiny ViT
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.no_decay)
+    for group in groups:
+        group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                   fused=cfg.optim.fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -46,7 +74,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Op
     return optimizer, scheduler
 
 
-_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "fused")
+_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "fused", "lr_scale")
 
 
 def optimizer_settings(optimizer, scheduler) -> dict:
@@ -61,13 +89,13 @@ def apply_optimizer_settings(optimizer, scheduler, recipe: dict, ckpt: Path) -> 
     the saved ones): a resumed run trains with the optim.* values its config.yaml records. The learning rate of the
     current step follows the recipe's optim.lr and schedule. Returns the changes, as text ("" when none)."""
     names = {"lr": "optim.lr", "betas": "optim.beta1/beta2", "eps": "optim.eps", "weight_decay": "optim.weight_decay",
-             "fused": "optim.fused"}
+             "fused": "optim.fused", "lr_scale": "optim.layer_decay (the lr scale of the lowest layers)"}
     scheduler = getattr(scheduler, "scheduler", scheduler)
     changes = {}
     saved_base = list(scheduler.base_lrs)
-    if saved_base != recipe["base_lrs"]:
+    if saved_base[0] != recipe["base_lrs"][0]:  # the first group learns at optim.lr (the top, under layer decay)
         changes["lr"] = (saved_base[0], recipe["base_lrs"][0])
-    for group, settings in zip(optimizer.param_groups, recipe["groups"]):
+    for group, settings in reversed(list(zip(optimizer.param_groups, recipe["groups"]))):
         for key, value in settings.items():
             if key != "lr" and group.get(key) != value:
                 changes.setdefault(key, (group.get(key), value))

@@ -6,7 +6,7 @@ returns the warnings to print. In order:
     train.output_dir   a directory holding another run's outputs is written into only when train.resume continues
                        it, or train.overwrite=true clears them first (the run's own files: checkpoints, metrics,
                        summary, logs, its export; nothing else of the directory)
-    train.resume       a checkpoint of the same model (`check_resumable`)
+    train.resume       a checkpoint of the same model and optimizer groups (`check_resumable`)
     data.train/.val    the shards exist: brace and glob patterns, `::` sources; a directory gets its pattern
     data.val           at least one global batch of usable samples (image and caption), and eval.val_samples too
     eval.zeroshot      an ImageFolder with class folders of images, labelled shards or a labelled table, with
@@ -144,7 +144,8 @@ def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def check_resumable(cfg: Config, ckpt: Path) -> None:
-    """Refuse a checkpoint of another model (or loss kind) before building anything, naming what differs."""
+    """Refuse a checkpoint of another model (or loss kind, or optimizer groups) before building anything, naming what
+    differs."""
     saved_path = ckpt / RUN_CONFIG_FILE
     if not saved_path.is_file():
         return  # an old checkpoint without its config: the weights' shapes are the only check
@@ -155,8 +156,17 @@ def check_resumable(cfg: Config, ckpt: Path) -> None:
                  theirs["model"].get(key)]
     if ours["loss"]["kind"] != theirs["loss"]["kind"]:
         differing.append(f"loss.kind ({theirs['loss']['kind']!r} in the checkpoint, {ours['loss']['kind']!r} here)")
+    # they decide the optimizer's parameter groups, whose state the checkpoint holds group by group (the value of a
+    # layer decay that stays on may change: it only scales the groups' learning rates)
+    if ours["optim"]["no_decay"] != theirs["optim"]["no_decay"]:
+        differing.append(f"optim.no_decay ({theirs['optim']['no_decay']!r} in the checkpoint, "
+                         f"{ours['optim']['no_decay']!r} here)")
+    if (ours["optim"]["layer_decay"] == 1.0) != (theirs["optim"]["layer_decay"] == 1.0):
+        differing.append(f"optim.layer_decay on or off ({theirs['optim']['layer_decay']!r} in the checkpoint, "
+                         f"{ours['optim']['layer_decay']!r} here)")
     if differing:
-        raise CheckpointError(f"cannot resume from {ckpt}: it is a checkpoint of another model: "
+        what = "other optimizer groups" if all(d.startswith("optim.") for d in differing) else "another model"
+        raise CheckpointError(f"cannot resume from {ckpt}: it is a checkpoint of {what}: "
                               f"{'; '.join(differing)}. Resume with the checkpoint's settings, or start a new run "
                               f"(another train.output_dir, or train.overwrite=true to replace this one)")
 
