@@ -142,6 +142,12 @@ class ModelConfig:
     lock_image: bool = _key(False, "LiT: freeze the image tower (train the text tower and the temperature)")
     lock_image_unlocked_groups: int = _key(0, "with lock_image: leave the last N layer groups trainable", ">= 0")
     lock_image_freeze_bn_stats: bool = _key(False, "with lock_image: also freeze BatchNorm statistics (conv towers)")
+    lock_text: bool = _key(False, "freeze the text tower (train the image tower and the temperature)")
+    lock_text_unlocked_layers: int = _key(0, "with lock_text: leave the last N layer groups trainable (open_clip's "
+                                             "count: the projection, then the last block with the final norm, then "
+                                             "each block down)", ">= 0")
+    lock_text_freeze_layer_norm: bool = _key(True, "with lock_text: freeze the LayerNorms too; false leaves every "
+                                                   "LayerNorm of the text tower trainable")
     grad_checkpointing: bool = _key(False, "recompute tower activations in backward to save memory")
 
 

@@ -1,7 +1,9 @@
-"""Fine-tuning controls: how fast each parameter of an open_clip model learns.
+"""Fine-tuning controls: which parameters of an open_clip model train, and how fast each of them learns.
 
-Parameter groups (built by `clipalign.optim.param_groups`): `layer_distances` for layer-wise learning-rate decay
-(`optim.layer_decay`), `skips_decay` for the parameters AdamW does not decay (`optim.no_decay`).
+- Locking: `model.lock_image` (LiT, open_clip's `lock_image_tower`) and `model.lock_text` (open_clip's
+  `lock_text_tower`) freeze a tower but for its last layer groups.
+- Parameter groups (built by `clipalign.optim.param_groups`): `layer_distances` for layer-wise learning-rate decay
+  (`optim.layer_decay`), `skips_decay` for the parameters AdamW does not decay (`optim.no_decay`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,46 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from clipalign.config import ConfigError
+from clipalign.config import ConfigError, ModelConfig
 
 # optim.no_decay: the entry that stands for every parameter below 2-D (gains, biases, norms, the logit scale)
 BELOW_2D = "ndim<2"
 # the parameters of the temperature: at the top of the layer-decay ladder
 TEMPERATURE = ("logit_scale", "logit_bias")
+
+
+# ---- freezing ---------------------------------------------------------------------------------------------------
+
+
+def prepare(clip: nn.Module, cfg: ModelConfig) -> None:
+    """Lock towers of an open_clip model, in place, as `cfg` asks."""
+    if cfg.lock_image:
+        clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                              freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text:
+        lock_text(clip, cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
+
+
+def lock_text(clip: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+    """open_clip's `lock_text_tower`: freeze the text tower but for its last `unlocked_layers` layer groups (open_clip
+    counts the projection, then the last block with the final norm, then each block below, then the embeddings).
+
+    `freeze_layer_norm=False` leaves every LayerNorm of the tower trainable; open_clip's own text transformer does not
+    offer it (only its Hugging Face towers do), so it is done here for those.
+    """
+    hf = type(getattr(clip, "text", None)).__name__ == "HFTextEncoder"
+    clip.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm or not hf)
+    if not freeze_layer_norm and not hf:
+        for module in _text_tower_modules(clip):
+            for norm in module.modules():
+                if isinstance(norm, nn.LayerNorm):
+                    norm.requires_grad_(True)
+
+
+def _text_tower_modules(clip: nn.Module) -> list[nn.Module]:
+    if hasattr(clip, "text"):  # CustomTextCLIP: the tower is one module
+        return [clip.text]
+    return [m for m in (getattr(clip, "transformer", None), getattr(clip, "ln_final", None)) if m is not None]
 
 
 # ---- parameter groups ------------------------------------------------------------------------------------------

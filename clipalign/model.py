@@ -24,6 +24,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from clipalign import finetune
 from clipalign.checkpoint import resolve_checkpoint
 from clipalign.config import ATTENTION_CHOICES, ConfigError, ModelConfig, read_config
 from clipalign.layout import (
@@ -407,7 +408,8 @@ def resolve_model_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -
 
 def create_model(cfg: ModelConfig, loss_kind: str = "contrastive", load_pretrained: bool = True,
                  tokenizer_file: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> DualEncoder:
-    """A dual encoder for a loss kind, randomly initialised unless `cfg.pretrained` names weights.
+    """A dual encoder for a loss kind, randomly initialised unless `cfg.pretrained` names weights, with the towers
+    locked that `cfg` asks to lock (`clipalign.finetune`).
 
     contrastive: logit scale starts at 1/0.07, as in CLIP; sigmoid: scale 10 and a learnable logit bias at -10.
     `load_pretrained=False` skips `cfg.pretrained` (the caller loads its own weights next, as `load` does);
@@ -429,9 +431,7 @@ def create_model(cfg: ModelConfig, loss_kind: str = "contrastive", load_pretrain
         clip = open_clip.create_model(cfg.name, pretrained=pretrained, output_dict=True, device=device,
                                       embed_dim=resolved["embed_dim"], vision_cfg=vision,
                                       text_cfg=resolved["text_cfg"], **init)
-    if cfg.lock_image:
-        clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
-                              freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    finetune.prepare(clip, cfg)  # model.lock_image, lock_text
     if cfg.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     model = DualEncoder(clip, cfg.name, tokenizer=tokenizer, model_cfg=resolved)

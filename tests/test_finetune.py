@@ -1,4 +1,5 @@
-"""Fine-tuning controls: layer-wise lr decay on both towers and no-decay patterns. Real tiny models."""
+"""Fine-tuning controls: layer-wise lr decay on both towers, no-decay patterns and a locked text tower. Real tiny
+models."""
 
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def _step(model, optimizer) -> dict[str, torch.Tensor]:
     optimizer.step()
     optimizer.zero_grad()
     return before
+
+
+def _changed(model, before: dict[str, torch.Tensor]) -> set[str]:
+    return {n.removeprefix("clip.") for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
 # ---- layer-wise learning-rate decay ------------------------------------------------------------------------------
@@ -118,3 +123,26 @@ def test_no_decay_patterns_default_to_clips_rule_and_replace_it_when_given():
 
     with pytest.raises(ConfigError, match=r"optim.no_decay: '\*pos_embed' matches no parameter of the model"):
         param_groups(model, 0.1, no_decay=["ndim<2", "*pos_embed"])
+
+
+# ---- locking the text tower --------------------------------------------------------------------------------------
+
+
+def test_lock_text_freezes_the_text_tower_but_its_unlocked_layers():
+    locked = create_model(ModelConfig(name="tiny-vit-64", lock_text=True))
+    full = {n.removeprefix("clip.") for n, _ in locked.named_parameters()}
+    image = {n for n in full if n.startswith("visual.")}
+    assert _trainable(locked) == image | {"logit_scale"}
+
+    # open_clip's groups from the top: the projection, then the last block with the final norm
+    model = create_model(ModelConfig(name="tiny-vit-64", lock_text=True, lock_text_unlocked_layers=2))
+    text_trainable = _trainable(model) - image - {"logit_scale"}
+    assert text_trainable == {"text_projection", "ln_final.weight", "ln_final.bias"} | {
+        n for n in full if n.startswith("transformer.resblocks.3.")}
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
+    before = _step(model, optimizer)
+    assert _changed(model, before) == _trainable(model)  # a step moves what trains, nothing else
+
+    norms = create_model(ModelConfig(name="tiny-vit-64", lock_text=True, lock_text_freeze_layer_norm=False))
+    assert _trainable(norms) - image - {"logit_scale"} == {
+        n for n in full if not n.startswith("visual.") and (".ln_" in n or n.startswith("ln_final"))}
