@@ -148,6 +148,14 @@ class ModelConfig:
                                              "each block down)", ">= 0")
     lock_text_freeze_layer_norm: bool = _key(True, "with lock_text: freeze the LayerNorms too; false leaves every "
                                                    "LayerNorm of the text tower trainable")
+    lora_rank: int = _key(0, "LoRA adapters of this rank (peft) on lora_targets of lora_towers; every base weight is "
+                             "frozen, adapters and temperature train; 0 = off", ">= 0")
+    lora_alpha: float = _key(8.0, "LoRA scale numerator: adapters add (lora_alpha / lora_rank) x B A", "> 0")
+    lora_dropout: float = _key(0.0, "dropout on the input of each linear layer's adapter (open_clip's attention "
+                                    "adapters have none)", "[0, 1)")
+    lora_targets: list[str] = _key(["attn", "mlp_fc", "mlp_proj"], "what LoRA adapts in each block: attn (the "
+                                   "attention's projections, q/k/v and out), mlp_fc, mlp_proj")
+    lora_towers: str = _key("both", "the towers LoRA adapts: image | text | both (the other is frozen)")
     grad_checkpointing: bool = _key(False, "recompute tower activations in backward to save memory")
 
 
@@ -307,6 +315,9 @@ DECODE_BACKENDS = ("auto", "torchcodec", "torchvision")
 ATTENTION_CHOICES = ("auto", "torch", "math", "flash", "efficient", "cudnn")
 # train.sharding: DDP (whole model per process) or FSDP2 (clipalign.sharding)
 SHARDING_CHOICES = ("ddp", "fsdp")
+# model.lora_targets (each entry) and model.lora_towers (clipalign.finetune)
+LORA_TARGETS = ("attn", "mlp_fc", "mlp_proj")
+LORA_TOWERS = ("image", "text", "both")
 # data.captions: a sample's `.txt` member, or a field of its `.json` (a string, or a list of strings)
 CAPTION_TXT = "txt"
 CAPTION_JSON_PREFIX = "json."
@@ -352,6 +363,8 @@ _CHOICES = {
     ("data", "decode_backend"): DECODE_BACKENDS,
     ("data", "keep_id"): ("uid", "key"),  # clipalign.data.curation.KEEP_ID_CHOICES
     ("export", "format"): EXPORT_FORMATS,
+    ("model", "lora_targets"): LORA_TARGETS,  # each entry of the list
+    ("model", "lora_towers"): LORA_TOWERS,
 }
 
 
@@ -417,8 +430,10 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
     choices = _CHOICES.get((section, key))
-    if choices and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+    for i, entry in enumerate(value) if isinstance(value, list) else [(None, value)]:
+        if choices and entry not in choices:
+            at = "" if i is None else f"[{i}]"
+            raise ConfigError(f"{where}{at}: {entry!r} is not one of {', '.join(choices)}")
     valid = _fields(type(sub))[key].metadata.get("range")
     if valid is not None:
         _check_range(source, f"{section}.{key}", value, valid)

@@ -50,7 +50,7 @@ from clipalign.layout import (
     write_json,
     write_weights,
 )
-from clipalign.model import DualEncoder, load, tower_state_dicts
+from clipalign.model import DualEncoder, load, merged_model, tower_state_dicts
 from clipalign.tokenizer import SentencePieceTokenizer, directory_tokenizer, tokenize
 
 CONFIG_FILE, WEIGHTS_FILE = EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE  # this module's names for them, for callers
@@ -142,8 +142,8 @@ def _resolve(source: DualEncoder | str | os.PathLike) -> tuple[DualEncoder, dict
     """The model, its open_clip config, what the model card reports of its training (from a checkpoint: the
     trainer state, the run's data and loss, its last evaluation), where it came from, and its own export format
     (the run's `export.format`; an export's, from its files)."""
-    if isinstance(source, DualEncoder):
-        return source, source.open_clip_config(), {}, None, "open_clip"
+    if isinstance(source, DualEncoder):  # a LoRA model is exported merged: plain open_clip weights
+        return merged_model(source), source.open_clip_config(), {}, None, "open_clip"
     path = Path(source)
     model = load(path)
     if is_export(path):  # re-exporting an export: its config may name a model not registered here

@@ -138,7 +138,7 @@ class TransformersExport:
 
 
 def convert(model: DualEncoder, model_cfg: dict) -> TransformersExport:
-    """`model` as `CLIPModel` weights, config and `CLIPProcessor`, in memory.
+    """`model` as `CLIPModel` weights, config and `CLIPProcessor`, in memory (LoRA adapters merged into the weights).
 
     Raises:
         NotExportable: one line naming what cannot be expressed (the config field, the tower, the tokenizer) and what
@@ -149,6 +149,9 @@ def convert(model: DualEncoder, model_cfg: dict) -> TransformersExport:
     except ImportError:
         raise NotExportable("--format transformers needs the transformers package: pip install 'transformers>=5.10' "
                             "(or the clipalign[transformers] extra)") from None
+    from clipalign.model import merged_model
+
+    model = merged_model(model)  # CLIPModel holds plain weights: the adapters folded in
     _check_model(model, model_cfg)
     clip = model.clip
     vision = _tower_settings(clip.visual.transformer, [clip.visual], "vision_cfg")

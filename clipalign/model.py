@@ -409,7 +409,7 @@ def resolve_model_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -
 def create_model(cfg: ModelConfig, loss_kind: str = "contrastive", load_pretrained: bool = True,
                  tokenizer_file: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> DualEncoder:
     """A dual encoder for a loss kind, randomly initialised unless `cfg.pretrained` names weights, with the towers
-    locked that `cfg` asks to lock (`clipalign.finetune`).
+    locked and the LoRA adapters that `cfg` asks for (`clipalign.finetune`).
 
     contrastive: logit scale starts at 1/0.07, as in CLIP; sigmoid: scale 10 and a learnable logit bias at -10.
     `load_pretrained=False` skips `cfg.pretrained` (the caller loads its own weights next, as `load` does);
@@ -431,7 +431,7 @@ def create_model(cfg: ModelConfig, loss_kind: str = "contrastive", load_pretrain
         clip = open_clip.create_model(cfg.name, pretrained=pretrained, output_dict=True, device=device,
                                       embed_dim=resolved["embed_dim"], vision_cfg=vision,
                                       text_cfg=resolved["text_cfg"], **init)
-    finetune.prepare(clip, cfg)  # model.lock_image, lock_text
+    finetune.prepare(clip, cfg)  # model.lock_image, lock_text, LoRA adapters
     if cfg.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     model = DualEncoder(clip, cfg.name, tokenizer=tokenizer, model_cfg=resolved)
@@ -455,6 +455,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEnc
     """Load a trained model from a checkpoint directory, a run directory (latest checkpoint) or an export directory.
 
     The result has `encode_image(pixels)`, `encode_text(token_ids)`, `.tokenizer` and `.preprocess`, in eval mode.
+    A checkpoint of a LoRA run comes back with its adapters merged into plain open_clip weights.
     """
     path = Path(path)
     if is_export(path):
@@ -466,7 +467,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEnc
         model = create_model(cfg.model, cfg.loss.kind, load_pretrained=False,
                              tokenizer_file=own_tokenizer if own_tokenizer.is_file() else None)
         model.load_state_dict(read_checkpoint_weights(ckpt))
+        finetune.merge_adapters(model.clip)
     return model.to(device).eval()
+
+
+def merged_model(model: DualEncoder) -> DualEncoder:
+    """`model` itself when it has no LoRA adapters; else a copy with them merged into plain open_clip weights (what
+    exports write), the caller's model left as it is."""
+    if not finetune.has_adapters(model.clip):
+        return model
+    merged = DualEncoder(finetune.merge_adapters(copy.deepcopy(model.clip)), model.name, tokenizer=model.tokenizer,
+                         preprocess=model.preprocess, model_cfg=model.model_cfg)
+    merged.attention = model.attention
+    return merged
 
 
 def _load_export(path: Path) -> DualEncoder:

@@ -6,6 +6,7 @@ returns the warnings to print. In order:
     train.output_dir   a directory holding another run's outputs is written into only when train.resume continues
                        it, or train.overwrite=true clears them first (the run's own files: checkpoints, metrics,
                        summary, logs, its export; nothing else of the directory)
+    model, optim       fine-tuning keys that fit together and fit the run (`clipalign.finetune.check_run_keys`)
     train.resume       a checkpoint of the same model and optimizer groups (`check_resumable`)
     data.train/.val    the shards exist: brace and glob patterns, `::` sources; a directory gets its pattern
     data.val           at least one global batch of usable samples (image and caption), and eval.val_samples too
@@ -30,6 +31,7 @@ import braceexpand
 from clipalign.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, resolve_checkpoint
 from clipalign.config import Config, ConfigError, read_config
 from clipalign.data.shards import expand_sources
+from clipalign.finetune import check_run_keys
 from clipalign.layout import (
     CHECKPOINTS_DIR,
     CURVES_FILE,
@@ -44,13 +46,14 @@ from clipalign.layout import (
 TENSORBOARD_DIR = "tensorboard"
 _RUN_OUTPUTS = (RUN_CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINTS_DIR, KEYS_DIR, CURVES_FILE, TENSORBOARD_DIR)
 # model keys that may change between a checkpoint and the run resuming from it: they change no parameter
-RESUMABLE_MODEL_KEYS = ("grad_checkpointing", "patch_dropout", "pretrained", "pretrained_image")
+RESUMABLE_MODEL_KEYS = ("grad_checkpointing", "patch_dropout", "pretrained", "pretrained_image", "lora_dropout")
 
 
 def check_run(cfg: Config, world: int) -> tuple[Path | None, list[str]]:
     """Check everything the run of `cfg` on `world` processes reads and writes (ConfigError at the first problem);
     returns the checkpoint it resumes from (None: a fresh start) and warnings to show."""
     run_dir = Path(cfg.train.output_dir)
+    check_run_keys(cfg)
     check_output_dir(cfg, run_dir)
     resume = resume_checkpoint(cfg, run_dir)
     if resume is not None:
