@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 
 
 def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: str | os.PathLike,
-                 onnx: bool = False, onnx_exporter: str = "auto", export_format: str | None = None) -> Path:
+                 onnx: bool = False, onnx_exporter: str = "auto", export_format: str | None = None,
+                 source: str | None = None) -> Path:
     """Write an open_clip-loadable export directory (and ONNX towers, and transformers' files) for a model or
     checkpoint.
 
@@ -80,6 +81,8 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
         export_format: "open_clip" (its files only) or "transformers" (also `CLIPModel` / `CLIPProcessor` files,
             checked against the model); None: the run's `export.format` for a checkpoint or run, "transformers" for
             an export that has transformers' files, else "open_clip".
+        source: what the model card names as the model's origin, for a `DualEncoder` made in memory (a
+            checkpoint's or export's own path otherwise).
 
     Returns:
         The export directory.
@@ -94,7 +97,8 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
         raise ValueError(f"export_format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     out = Path(out_dir)
     check_export_target(out)
-    model, model_cfg, provenance, source, own_format = _resolve(model_or_checkpoint)
+    model, model_cfg, provenance, resolved_source, own_format = _resolve(model_or_checkpoint)
+    source = resolved_source or source
     # converted (and refused) before anything is written
     transformers = hf_export.convert(model, model_cfg) if (export_format or own_format) == "transformers" else None
     out.parent.mkdir(parents=True, exist_ok=True)
