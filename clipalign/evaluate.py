@@ -50,7 +50,7 @@ from clipalign.data.sample import (
     resolve_lines,
 )
 from clipalign.data.shards import expand_urls, shard_samples
-from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
+from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, parse_pixel_limit
 from clipalign.layout import write_atomic
 from clipalign.tokenizer import tokenize
 
@@ -477,17 +477,6 @@ def _preprocess_of(model):
     return eval_preprocess(model)
 
 
-def _pixel_limit(text: str) -> int:
-    """argparse type of --max-image-pixels: an integer >= 0 (underscores allowed, as in 89_478_485)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {value}")
-    return value
-
-
 def _print_table(result: dict[str, Any], title: str) -> None:
     print(title)
     for key, value in result.items():
@@ -526,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="autocast precision of the towers (bf16 on GPUs halves the time)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--max-image-pixels", type=_pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+    parser.add_argument("--max-image-pixels", type=parse_pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                         help=f"skip (and count as bad_image) images with more pixels than this, read from their "
                              f"header before decoding; 0 = no limit (default: {DEFAULT_MAX_IMAGE_PIXELS}, Pillow's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import hashlib
 import os
-import platform
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipalign import __version__
-from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
+from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, parse_pixel_limit
 from clipalign.embed.corpus import (
     DEFAULT_PART_SIZE,
     MODALITIES,
@@ -47,6 +46,7 @@ from clipalign.embed.corpus import (
     resolve_modalities,
 )
 from clipalign.embed.store import DTYPE, EmbedDirError, finish, prepare, release, require_pyarrow, write_part
+from clipalign.hardware import cpu_native_bf16
 from clipalign.model import DualEncoder, trim_padding
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -150,19 +150,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
-    if precision == "bf16" and device.type == "cpu" and _cpu_native_bf16() is False:
+    if precision == "bf16" and device.type == "cpu" and cpu_native_bf16() is False:
         raise EmbedInputError("--precision bf16 on a CPU without AVX-512 BF16 or AMX: PyTorch's fallback bf16 matrix "
                               "products run about 250x slower than fp32 here; use --precision fp32")
     return precision
-
-
-def _cpu_native_bf16() -> bool | None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes
-        return None
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -332,17 +323,6 @@ class _Progress:
 # the command
 
 
-def _pixel_limit(text: str) -> int:
-    """argparse type of --max-image-pixels: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipalign-embed",
@@ -384,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
                              "every image whole, exactly as model.preprocess")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N "
                                                          "(cuda:N for a single process)")
-    parser.add_argument("--max-image-pixels", type=_pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+    parser.add_argument("--max-image-pixels", type=parse_pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                         help=f"skip (as bad_image) images with more pixels than this, read from their header; 0 = no "
                              f"limit (default: {DEFAULT_MAX_IMAGE_PIXELS})")
     parser.add_argument("--overwrite", action="store_true", help="replace an embedding directory at --out (finished "
