@@ -62,6 +62,7 @@ def _one_step(recipe: Path, shards, out: Path, *overrides: str):
                                 "train.checkpoint_every=0", "train.log_with=none", "train.compile=false",
                                 "train.channels_last=false", "optim.warmup_steps=1", f"train.output_dir={out}",
                                 "eval.zeroshot=", "eval.retrieval=", "export.dir=", "model.pretrained_image=false",
+                                "model.pretrained=",  # a fine-tuning recipe's start is the user's to make first
                                 *overrides])
 
 
