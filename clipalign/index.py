@@ -428,6 +428,14 @@ def _without_self(scores: np.ndarray, ids: np.ndarray, own: np.ndarray | None, k
     return out_scores, out_ids
 
 
+def _nonzero_rows(embeddings: Embeddings) -> np.ndarray:
+    """(N,) bool: the rows that hold an embedding, not the zeros written for a sample without that modality."""
+    found = np.zeros(len(embeddings), dtype=bool)
+    for start, block in embeddings.chunks():
+        found[start:start + len(block)] = np.any(block != 0, axis=1)
+    return found
+
+
 @dataclass
 class _QuerySet:
     """Queries with their exact neighbours; `own`: each query's own row in the index (None: not in it)."""
@@ -491,13 +499,17 @@ def build_index(embeddings: Embeddings, plan: IndexPlan, other: Embeddings | Non
     n, dim = len(embeddings), embeddings.dim
     k = min(RECALL_K, n - 1)
     rng = np.random.default_rng(seed)
-    count = query_count(n)
-    held = rng.choice(n, size=2 * count, replace=False)
+    # rows left as zeros (a sample without a caption has a zero text row) are indexed, so that ids stay rows, but
+    # they score 0 against every query: they are neither queries nor training vectors
+    usable = np.flatnonzero(_nonzero_rows(embeddings))
+    count = query_count(len(usable))
+    held = rng.choice(usable, size=2 * count, replace=False)
     tune_rows, report_rows = np.sort(held[:count]), np.sort(held[count:])
+    both = _nonzero_rows(other) if other is not None else None
     index = faiss.index_factory(dim, plan.key, faiss.METRIC_INNER_PRODUCT)
     train_rows = 0
     if not index.is_trained:
-        rest = np.setdiff1d(np.arange(n), held, assume_unique=True)
+        rest = np.setdiff1d(usable, held, assume_unique=True)
         sample = np.sort(rng.choice(rest, size=min(len(rest), plan.train_rows or len(rest)), replace=False))
         train_rows = len(sample)
         index.train(embeddings.rows(sample))
@@ -506,7 +518,8 @@ def build_index(embeddings: Embeddings, plan: IndexPlan, other: Embeddings | Non
 
     def sets(rows: np.ndarray) -> list[_QuerySet]:
         found = [_query_set(embeddings, embeddings.rows(rows), rows, k)]
-        if other is not None:
+        if other is not None and both[rows].any():
+            rows = rows[both[rows]]
             found.append(_query_set(embeddings, other.rows(rows), None, k))
         return found
 
@@ -643,10 +656,20 @@ def index_embeddings(embed_dir: str | os.PathLike, index_dir: str | os.PathLike,
     if not 0 < recall_target <= 1:
         raise IndexInputError(f"--recall-target {recall_target}: expected a number in (0, 1]")
     present = embedding_modalities(embed_dir)
-    modalities = list(modalities) or present
+    embedded = embed_config.get("embedded") or {}
     for modality in modalities:
         if modality not in present:
             raise IndexInputError(f"{embed_dir}: no {modality} embeddings; it holds: {', '.join(present) or 'none'}")
+        if embedded.get(modality) == 0:
+            raise IndexInputError(f"{embed_dir}: every {modality} row is zeros (no sample had a "
+                                  f"{'caption' if modality == 'text' else 'usable image'}); nothing to index")
+    if not modalities:
+        modalities = [m for m in present if embedded.get(m) != 0]
+        for modality in sorted(set(present) - set(modalities)):
+            log(f"{modality}: skipped: every row is zeros (no sample had a "
+                f"{'caption' if modality == 'text' else 'usable image'})")
+        if not modalities:
+            raise IndexInputError(f"{embed_dir}: no modality holds an embedding")
     config = _index_config(index_dir, embed_dir, embed_config)
     for modality in modalities:
         embeddings, metadata = read_embeddings(embed_dir, modality)

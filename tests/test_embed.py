@@ -418,7 +418,10 @@ def test_a_killed_run_resumes_and_embeds_each_sample_once(export, shards, shard_
         if proc.poll() is None:
             proc.kill()
     assert not (out / EMBED_CONFIG_FILE).exists() and not embed_part_marker(out, 2).exists()
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # resumed through the console script as users run it (it exits with what main returns: 0 on success)
+    script = Path(sys.executable).parent / "clipalign-embed"
+    resumed = subprocess.run([str(script), *cmd[3:]] if script.is_file() else cmd, env=env, capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     config = read_embed_config(out)
     assert config["rows"] == read_embed_config(shard_run)["rows"]

@@ -283,3 +283,27 @@ def test_clipalign_embed_output_is_indexed_and_searched_end_to_end(tmp_path):
     assert len(hits) == 12 and all(Path(hit.image_path).is_file() for hit in hits)
     texts = searcher.search_text("a red circle", k=12, modality="text")
     assert len(texts) == 11 and all(hit.caption for hit in texts)  # 05.jpg has no caption: no text row to find
+    config = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert config["indexes"]["text"]["recall"]["queries"] == 5  # of the 11 captions: the zero row is no query
+
+    # a folder whose only text files are not captions (an evaluation set's templates and class names) has images
+    # only; one whose captions are all empty has zero text rows, which the index leaves out, saying so
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for i in range(4):
+        draw_sample(rng, 48)[0].save(bare / f"{i}.jpg")
+    (bare / "templates.txt").write_text("a photo of a {}.\n")
+    (bare / "classnames.txt").write_text("circle\n")
+    assert plan_folder(bare).available == ("image",)
+    for i in range(4):
+        (bare / f"{i}.txt").write_text("")
+    corpus = plan_folder(bare)
+    assert corpus.available == ("image", "text")
+    embed_corpus(clipalign.load(model_dir), corpus, tmp_path / "emb-bare", batch_size=8, workers=0, progress=False,
+                 model_path=model_dir)
+    lines = []
+    config = index_embeddings(tmp_path / "emb-bare", tmp_path / "idx-bare", progress=False, log=lines.append)
+    assert list(config["indexes"]) == ["image"] and config["indexes"]["image"]["recall"]["cross_modal"] is None
+    assert any(line.startswith("text: skipped: every row is zeros") for line in lines)
+    with pytest.raises(IndexInputError, match="every text row is zeros"):
+        index_embeddings(tmp_path / "emb-bare", tmp_path / "idx-bare", modalities=["text"], progress=False)

@@ -124,6 +124,22 @@ def test_console_script_help():
     assert proc.returncode == 0 and "section.key=value" in proc.stdout
 
 
+def test_every_console_script_main_returns_nothing():
+    # the console script runs sys.exit(main()): a main that returns its result (a dict) exits 1 after succeeding
+    import configparser
+    import importlib
+    import inspect
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    scripts = [line.split("=") for line in setup["options.entry_points"]["console_scripts"].split("\n") if line]
+    assert len(scripts) >= 10
+    for name, target in scripts:
+        module, func = target.strip().split(":")
+        main = getattr(importlib.import_module(module), func)
+        assert inspect.signature(main).return_annotation in (None, "None"), f"{name.strip()}: {target}"
+
+
 def test_a_launch_asking_for_fsdp_or_deepspeed_stops_before_training(tmp_path):
     # on CPU Accelerate would drop an FSDP request and run DDP: the user must hear it, and learn the recipe's key
     run = tmp_path / "run"

@@ -2,4 +2,4 @@
 
 from clipalign.embed.run import main
 
-main()
+raise SystemExit(main())  # as the console script does: a value returned would be the exit status

@@ -198,7 +198,7 @@ def plan_shards(spec: str) -> Corpus:
 def plan_folder(root: str | os.PathLike, part_size: int = DEFAULT_PART_SIZE) -> Corpus:
     """The images under a folder (recursively, by make_shards' rules), cut into parts of `part_size` in sorted
     relative-path order. Captions come from sidecars (`x.txt`, else `x.json`) as each image is read; text is
-    available when the folder holds any `.txt` or `.json` file.
+    available when any image has such a caption file beside it.
 
     Raises:
         FileNotFoundError: the folder does not exist; EmbedInputError: it holds no images.
@@ -209,7 +209,7 @@ def plan_folder(root: str | os.PathLike, part_size: int = DEFAULT_PART_SIZE) -> 
     if not files:
         raise EmbedInputError(f"--folder {root}: no images in it (looked for jpg, jpeg, png, webp, bmp, gif, tif, "
                               f"tiff, recursively)")
-    available = MODALITIES if _has_sidecars(root) else ("image",)
+    available = MODALITIES if _has_sidecars(root, files) else ("image",)
     source = {"kind": "folder", "path": str(root), "files": len(files), "files_sha256": _digest(files)}
     return Corpus("folder", source, _slices(len(files), part_size, "files"), available, root=str(root), items=files)
 
@@ -291,12 +291,16 @@ def _slices(count: int, part_size: int, what: str) -> list[Part]:
             for i, start in enumerate(range(0, count, part_size))]
 
 
-def _has_sidecars(root: Path) -> bool:
-    for _, dirnames, filenames in os.walk(root):
+def _has_sidecars(root: Path, files: Sequence[str]) -> bool:
+    """Whether any image has a caption file beside it (`x.txt` or `x.json` for `x.jpg`): other text files in the
+    folder (a templates.txt, a classnames.txt, a README.txt) are not captions."""
+    stems = set()
+    for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if any(not name.startswith(".") and name.lower().endswith(_SIDECAR_SUFFIXES) for name in filenames):
-            return True
-    return False
+        rel = Path(dirpath).relative_to(root)
+        stems.update((rel / name).with_suffix("").as_posix() for name in filenames
+                     if not name.startswith(".") and name.lower().endswith(_SIDECAR_SUFFIXES))
+    return any(Path(f).with_suffix("").as_posix() in stems for f in files)
 
 
 def _digest(lines: Sequence[str]) -> str:
@@ -319,7 +323,7 @@ def resolve_modalities(corpus: Corpus, requested: Sequence[str] | None) -> tuple
         raise EmbedInputError(f"--modalities {' '.join(unknown)}: expected image, text or both")
     missing = [m for m in requested if m not in corpus.available]
     if missing:
-        why = {"folder": "the folder holds no .txt or .json captions",
+        why = {"folder": "no image in the folder has a .txt or .json caption beside it",
                "table": f"the table has no {'image' if missing[0] == 'image' else 'caption'} column "
                         f"({corpus.source.get('path')}; choose it with "
                         f"--{'image' if missing[0] == 'image' else 'caption'}-column)"}.get(corpus.kind, "")

@@ -396,8 +396,9 @@ def _device(spec: str):
     return state, torch.device(spec)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """`clipalign-embed`: embed a corpus with an export, checkpoint or run directory."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """`clipalign-embed`: embed a corpus with an export, checkpoint or run directory (`embed_corpus` from Python:
+    this returns nothing, since the console script exits with what it returns)."""
     parser = _parser()
     args = parser.parse_args(argv)
     state = None
@@ -422,7 +423,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         skipped = ", ".join(f"{k}={v}" for k, v in config["skipped"].items()) or "none"
         embedded = ", ".join(f"{m} {n}" for m, n in config["embedded"].items())
         print(f"{config['rows']} rows ({embedded}) of {config['samples']} samples in {args.out}; skipped: {skipped}")
-    return config
 
 
 if __name__ == "__main__":
