@@ -1,7 +1,8 @@
 """An embedding directory in clipalign-embed's layout (clipalign.layout), made from a real model and real image files.
 
-Until clipalign-embed lands this stands in for it, writing what its layout promises: embed.json, float16 L2-normalised
-image and text embeddings in numbered parts, and a parquet table of the same rows beside each part. Images are drawn
+It writes what clipalign-embed writes, without running it (faster for the index and search tests): embed.json,
+float16 L2-normalised image and text embeddings in numbered parts, and a parquet table of the same rows beside each
+part. Images are drawn
 with the synthetic data set's `draw_sample`; part 0's are JPEG files (metadata `image_path`), part 1's live only in a
 tar shard (metadata `shard`), so both ways the search page finds an image are exercised.
 
