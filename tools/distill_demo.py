@@ -1,6 +1,6 @@
 """Does a larger teacher help a tiny student? Distillation against plain training on the quickstart's synthetic set.
 
-    python tools/distill_demo.py --out runs/distill-demo                       # about 2 hours on 2 CPU cores
+    python tools/distill_demo.py --out runs/distill-demo                       # about 26 minutes on 2 CPU cores
     python tools/distill_demo.py --out runs/distill-demo --seeds 0 1 2 --student-steps 300
 
 1. The teacher: the quickstart's recipe with wider and deeper towers (`--teacher-*`), trained by clipalign for
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="folder for the runs, demo.json and demo.md")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--student-steps", type=int, default=150)
-    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--teacher-steps", type=int, default=400)
     p.add_argument("--teacher-vision", default="{layers: 6, width: 256, head_width: 64}")
     p.add_argument("--teacher-text", default="{layers: 6, width: 256, heads: 4}")
     p.add_argument("--teacher-embed-dim", type=int, default=192)
