@@ -110,9 +110,9 @@ def run_reference(export: Path, folder: Path, out: Path, batch_size: int, loaded
 
 
 def run_ours(folder: Path, out: Path, batch_size: int, workers: int, part_size: int, decode: str,
-             loaded: dict) -> None:
+             loaded: dict, precision: str = "fp32") -> None:
     embed_corpus(loaded["ours"], plan_folder(folder, part_size), out, batch_size=batch_size, workers=workers,
-                 precision="fp32", decode=decode, progress=False)
+                 precision=precision, decode=decode, progress=False)
 
 
 def _load(export: Path) -> dict:
@@ -147,7 +147,7 @@ def benchmark_model(name: str, args: argparse.Namespace, cache: Path, folder: Pa
                 run_reference(export, folder, out, args.batch_size, loaded)
             else:
                 run_ours(folder, out, args.batch_size, args.workers, args.part_size,
-                         "full" if variant == "ours_full_decode" else "draft", loaded)
+                         "full" if variant == "ours_full_decode" else "draft", loaded, args.precision)
             runs[variant].append(args.images / (time.perf_counter() - start))
             if variant in outputs:
                 shutil.rmtree(out)
@@ -171,7 +171,8 @@ def benchmark_model(name: str, args: argparse.Namespace, cache: Path, folder: Pa
 def format_table(results: dict) -> str:
     cfg = results["config"]
     lines = [f"{cfg['images']} images (shorter side {cfg['size']} px) + captions, batch {cfg['batch_size']}, "
-             f"{cfg['workers']} workers, part size {cfg['part_size']}, torch threads {cfg['threads']}",
+             f"{cfg['workers']} workers, part size {cfg['part_size']}, torch threads {cfg['threads']}, ours in "
+             f"{cfg.get('precision', 'fp32')} (the reference in fp32)",
              "",
              "| model | reference samples/s | ours samples/s | ratio | ours, full decode samples/s | ratio | "
              "image cosine to reference, mean (min) | text cosine, mean (min) |",
@@ -195,6 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="stored shorter side of the JPEGs, px")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (medians are reported)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per forward pass, both sides")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="ours: autocast precision (bf16 only on CPUs with AVX-512 BF16 or AMX); the reference "
+                             "stays fp32, as the plain loop runs")
     parser.add_argument("--workers", type=int, default=2, help="ours: DataLoader workers (clipalign-embed's default)")
     parser.add_argument("--part-size", type=int, default=64,
                         help="ours: samples per part; small, so that every worker has parts, as in a large folder")
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = {"config": {"models": args.models, "images": args.images, "size": args.size,
                               "repeats": args.repeats, "batch_size": args.batch_size, "workers": args.workers,
                               "part_size": args.part_size, "threads": torch.get_num_threads(),
+                              "precision": args.precision,
                               "command": " ".join(["python", "tools/benchmark_embed.py", *(argv or sys.argv[1:])])},
                    "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                    "open_clip": open_clip.__version__, "pillow": PIL.__version__,
