@@ -444,8 +444,11 @@ def _image_folder(folder: Path) -> ImageFolder:
     try:
         return ImageFolder(str(folder))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"zero-shot data folder {folder} holds no images; expected an ImageFolder "
-                                f"(one sub-folder of images per class): {e}") from e
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        empty = (f"its sub-folders hold no images ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}"
+                 f"{f'; {len(classes)} in all' if len(classes) > 5 else ''})" if classes else "it has no sub-folders")
+        raise FileNotFoundError(f"zero-shot data folder {folder} holds no images: {empty}; expected an ImageFolder "
+                                f"(one sub-folder of images per class: .jpg, .jpeg, .png, .webp, ...)") from e
 
 
 @contextlib.contextmanager
@@ -542,7 +545,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from clipalign.model import load
 
-    model = load(args.model, device=args.device)
+    try:
+        model = load(args.model, device=args.device)
+    except (FileNotFoundError, ValueError) as e:  # not a checkpoint, run or export: one line, not a traceback
+        parser.exit(2, f"{parser.prog}: error: --model: {e}\n")
     out: dict[str, Any] = {"model": str(args.model)}
     if args.data:
         result = zero_shot_classification(

@@ -28,12 +28,14 @@ from clipalign import finetune
 from clipalign.checkpoint import resolve_checkpoint
 from clipalign.config import ATTENTION_CHOICES, ConfigError, ModelConfig, read_config
 from clipalign.layout import (
+    EXPORT_CONFIG_FILE,
     IMAGE_ENCODER_CONFIG,  # noqa: F401  (re-exported: these names lived here)
     IMAGE_ENCODER_WEIGHTS,  # noqa: F401
     RUN_CONFIG_FILE,
     TEXT_ENCODER_CONFIG,  # noqa: F401
     TEXT_ENCODER_WEIGHTS,  # noqa: F401
     TOKENIZER_FILE,
+    TRAINER_STATE_FILE,
     is_export,
     read_checkpoint_weights,
     read_export_config,
@@ -458,10 +460,17 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEnc
     A checkpoint of a LoRA run comes back with its adapters merged into plain open_clip weights.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; expected an export, checkpoint or run directory")
     if is_export(path):
         model = _load_export(path)
     else:
-        ckpt = resolve_checkpoint(path)
+        try:
+            ckpt = resolve_checkpoint(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is not a model: neither an export directory (no {EXPORT_CONFIG_FILE}), "
+                                    f"a checkpoint (no {TRAINER_STATE_FILE}) nor a run directory with checkpoints"
+                                    ) from None
         cfg = read_config(ckpt / RUN_CONFIG_FILE)
         own_tokenizer = ckpt / TOKENIZER_FILE
         model = create_model(cfg.model, cfg.loss.kind, load_pretrained=False,

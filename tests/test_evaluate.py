@@ -130,7 +130,7 @@ def test_a_source_is_checked_before_any_model_and_its_mistakes_named(folder, tmp
     flat = tmp_path / "flat"  # images without class folders: not an ImageFolder
     flat.mkdir()
     Image.new("RGB", (8, 8)).save(flat / "a.png")
-    with pytest.raises(FileNotFoundError, match="holds no images; expected an ImageFolder"):
+    with pytest.raises(FileNotFoundError, match="holds no images: it has no sub-folders; expected an ImageFolder"):
         check_classification_source(flat)
     with pytest.raises(ValueError, match=r"classnames: 2 class names for 3 class folders"):
         check_classification_source(folder, classnames=["a", "b"])
@@ -156,6 +156,13 @@ def test_a_source_is_checked_before_any_model_and_its_mistakes_named(folder, tmp
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"classnames '{tmp_path / 'no.txt'}' is neither a file nor a built-in set" in err
+    # a model that is not there, or a folder that is not a model: one line each, not a traceback
+    for model_arg, says in ((tmp_path / "no-model", "does not exist"), (folder, "is not a model: neither an export")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", str(model_arg), "--data", str(folder), "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"clipalign-zeroshot: error: --model: {model_arg} {says}" in err
+        assert "Traceback" not in err and err.count("\n") == 1
 
 
 def test_cli_scores_a_checkpoint_and_writes_json(model, run, folder, tmp_path, capsys):
