@@ -6,7 +6,8 @@ returns the warnings to print. In order:
     train.output_dir   a directory holding another run's outputs is written into only when train.resume continues
                        it, or train.overwrite=true clears them first (the run's own files: checkpoints, metrics,
                        summary, logs, its export; nothing else of the directory)
-    model, optim       fine-tuning keys that fit together and fit the run (`clipalign.finetune.check_run_keys`)
+    model, optim       fine-tuning keys that fit together and fit the run (`clipalign.finetune.check_run_keys`);
+                       a warning when optim.warmup_steps exceeds train.steps
     train.resume       a checkpoint of the same model and optimizer groups (`check_resumable`)
     data.train/.val    the shards exist: brace and glob patterns, `::` sources; a directory gets its pattern
     data.val           at least one global batch of usable samples (image and caption), and eval.val_samples too
@@ -62,7 +63,7 @@ def check_run(cfg: Config, world: int) -> tuple[Path | None, list[str]]:
         expand_shards(cfg.data.train)
     check_val(cfg, world)
     check_distill(cfg)
-    warnings = check_evaluation(cfg)
+    warnings = check_schedule(cfg) + check_evaluation(cfg)
     if cfg.export.dir:
         from clipalign.export import check_export_target
 
@@ -73,6 +74,16 @@ def check_run(cfg: Config, world: int) -> tuple[Path | None, list[str]]:
             except FileExistsError as e:
                 raise ConfigError(str(e)) from None
     return resume, warnings
+
+
+def check_schedule(cfg: Config) -> list[str]:
+    """A warmup longer than the run: the learning rate never reaches optim.lr (a warning, not an error)."""
+    warmup, steps = cfg.optim.warmup_steps, cfg.train.steps
+    if warmup <= steps:
+        return []
+    return [f"optim.warmup_steps={warmup} is more than train.steps={steps}: the learning rate only climbs, ending at "
+            f"{steps / warmup:.2g} x optim.lr={cfg.optim.lr:g} and never decaying; set optim.warmup_steps to 1-5 % "
+            f"of the steps (e.g. optim.warmup_steps={max(1, round(steps * 0.03))})"]
 
 
 # ---- the run directory ----------------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ def _cfg(files: Path, tmp_path: Path, *overrides: str):
 
 MISTAKES = {
     "not an ImageFolder": (["eval.zeroshot={files}/flat"],
-                           "eval.zeroshot: zero-shot data folder {files}/flat holds no images; expected an "
-                           "ImageFolder"),
+                           "eval.zeroshot: zero-shot data folder {files}/flat holds no images: it has no "
+                           "sub-folders; expected an ImageFolder"),
     "names against folders": (["eval.zeroshot={files}/folder", "eval.classnames={files}/names.txt"],
                               "eval.classnames: 2 class names for 3 class folders"),
     "templates without {}": (["eval.templates={files}/templates.txt"],
@@ -97,6 +97,15 @@ def test_the_right_inputs_pass_and_a_retrieval_tsv_reads_with_its_key(files, tmp
     assert check_run(cfg, world=2) == (None, [])  # 16 of the 40 samples: a global batch of 8 x 2 processes
     tsv = _cfg(files, tmp_path, f"eval.retrieval={files}/tabs.csv", "eval.table_format=tsv")
     assert check_run(tsv, world=1) == (None, [])
+
+
+def test_a_warmup_longer_than_the_run_warns_with_the_lr_it_reaches(files, tmp_path):
+    # a user's recipe kept warmup_steps=2000 from a larger one and trained 150 steps at a few percent of its lr
+    _, warnings = check_run(_cfg(files, tmp_path, "optim.warmup_steps=2000", "train.steps=150", "optim.lr=1e-3"),
+                            world=1)
+    assert len(warnings) == 1 and warnings[0].startswith("optim.warmup_steps=2000 is more than train.steps=150")
+    assert "ending at 0.075 x optim.lr=0.001" in warnings[0] and "optim.warmup_steps=4" in warnings[0]
+    assert check_run(_cfg(files, tmp_path, "optim.warmup_steps=150", "train.steps=150"), world=1)[1] == []
 
 
 def test_numbered_class_folders_with_a_names_list_warn(tmp_path, files):
