@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -97,6 +98,8 @@ def export_model(model_or_checkpoint: DualEncoder | str | os.PathLike, out_dir: 
         raise ValueError(f"export_format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     out = Path(out_dir)
     check_export_target(out)
+    if onnx and (missing := onnx_missing(onnx_exporter)):
+        raise ModuleNotFoundError(missing)
     model, model_cfg, provenance, resolved_source, own_format = _resolve(model_or_checkpoint)
     source = resolved_source or source
     # converted (and refused) before anything is written
@@ -246,6 +249,19 @@ class _TextTower(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(input_ids, normalize=True)  # (B, D)
+
+
+def onnx_missing(exporter: str = "auto") -> str | None:
+    """What ONNX export lacks on this machine, as one line naming the extra to install; None when nothing does.
+
+    The export needs `onnx` (torch.onnx writes with it) and `onnxruntime` (each tower is checked with it); the
+    dynamo exporter (`auto`, `dynamo`) also needs `onnxscript`."""
+    needed = ("onnx", "onnxruntime") + (("onnxscript",) if exporter != "torchscript" else ())
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"ONNX export needs {', '.join(missing)} (not installed): pip install 'clipalign[onnx]' (or pip install "
+            f"{' '.join(missing)})")
 
 
 def _export_onnx(model: DualEncoder, out_dir: Path, exporter: str) -> dict[str, Any]:
@@ -447,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         out = export_model(args.checkpoint, args.out, onnx=args.onnx, onnx_exporter=args.onnx_exporter,
                            export_format=args.format)
-    except (hf_export.NotExportable, FileExistsError, FileNotFoundError, CheckpointError) as e:
+    except (hf_export.NotExportable, FileExistsError, FileNotFoundError, CheckpointError, ModuleNotFoundError) as e:
         parser.exit(2, f"clipalign-export: error: {e}\n")
     print(f"exported {args.checkpoint} -> {out}")
     for path in sorted(out.iterdir()):

@@ -15,7 +15,8 @@ returns the warnings to print. In order:
                        eval.classnames (one per class folder; a warning for numbered folders) and eval.templates
                        (each with "{}"), read as the evaluation will read them
     eval.retrieval     a table whose columns, separator, captions and images are there, or captioned shards
-    export.dir         resolved inside the run directory when relative; free, empty or an earlier export
+    export.dir         resolved inside the run directory when relative; free, empty or an earlier export; the
+                       packages export.onnx and export.format=transformers need are installed
 
 `export_dir(cfg)` is where the run exports: a relative export.dir lies inside the run directory, so that two runs of
 one recipe never share an export.
@@ -23,6 +24,7 @@ one recipe never share an export.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -65,8 +67,14 @@ def check_run(cfg: Config, world: int) -> tuple[Path | None, list[str]]:
     check_distill(cfg)
     warnings = check_schedule(cfg) + check_evaluation(cfg)
     if cfg.export.dir:
-        from clipalign.export import check_export_target
+        from clipalign.export import check_export_target, onnx_missing
 
+        # the packages the export at the end needs, looked for now
+        if cfg.export.onnx and (missing := onnx_missing()):
+            raise ConfigError(f"export.onnx=true: {missing}; or set export.onnx=false")
+        if cfg.export.format == "transformers" and importlib.util.find_spec("transformers") is None:
+            raise ConfigError("export.format=transformers needs the transformers package: pip install "
+                              "'clipalign[transformers]'; or set export.format=open_clip")
         target = export_dir(cfg)
         if not (cfg.train.overwrite and _inside(run_dir, target)):  # the run's own export goes with it
             try:

@@ -238,6 +238,20 @@ def test_cli_exports_a_run_directory(trained, tmp_path, capsys):
         export_model(trained[0], tmp_path / "x", onnx=True, onnx_exporter="tracer")
 
 
+def test_onnx_export_without_its_packages_is_one_line_naming_the_extra(trained, tmp_path, capsys, monkeypatch):
+    # a None entry in sys.modules is how Python marks a package as not importable: the state of an install without
+    # the onnx extra, for these packages only
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(trained[1]), "--out", str(tmp_path / "out"), "--onnx"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "ONNX export needs onnxruntime (not installed): pip install 'clipalign[onnx]'" in err
+    assert not (tmp_path / "out").exists()
+    main(["--checkpoint", str(trained[1]), "--out", str(tmp_path / "out")])  # without --onnx nothing is missing
+    assert (tmp_path / "out" / WEIGHTS_FILE).is_file()
+
+
 @pytest.mark.parametrize("script", ["tools/export.py", "tools/zero_shot.py", "tools/train_tokenizer.py"])
 def test_tool_scripts_run(script, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--help"])

@@ -108,6 +108,19 @@ def test_a_warmup_longer_than_the_run_warns_with_the_lr_it_reaches(files, tmp_pa
     assert check_run(_cfg(files, tmp_path, "optim.warmup_steps=150", "train.steps=150"), world=1)[1] == []
 
 
+def test_an_export_whose_packages_are_missing_is_refused_before_the_run(files, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # not importable, as without the onnx extra
+    with pytest.raises(ConfigError, match=r"export.onnx=true: ONNX export needs onnxscript \(not installed\): pip "
+                                          r"install 'clipalign\[onnx\]'"):
+        check_run(_cfg(files, tmp_path, "export.dir=export", "export.onnx=true"), world=1)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ConfigError, match=r"export.format=transformers needs the transformers package"):
+        check_run(_cfg(files, tmp_path, "export.dir=export", "export.format=transformers"), world=1)
+    assert check_run(_cfg(files, tmp_path, "export.dir=export"), world=1) == (None, [])
+
+
 def test_numbered_class_folders_with_a_names_list_warn(tmp_path, files):
     digits = tmp_path / "digits"
     for d in range(12):
