@@ -391,6 +391,8 @@ def test_the_inspector_reports_the_yield_training_gets(corpus, tokenizer, tmp_pa
                   "--seed", "2", "--json", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert f"yield         {kept} of 120" in printed and "keep_list     120 -> 60 (50.0%)" in printed
+    # the counts after the yield describe the kept samples, and their shares are of those: every kept one has a jpg
+    assert f"jpg {kept} (100%)" in printed
     assert json.loads(out.read_text())["yield"]["kept"] == kept
 
 

@@ -228,7 +228,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"yield         {kept['kept']} of {kept['samples']}{share}; filtered: "
                      + (", ".join(f"{r} {n}" for r, n in report["filtered"].items()) or "none"))
     lines.append(f"per shard     {_fmt_summary(report['samples_per_shard'])}")
-    total = max(report["samples"], 1)
+    # the counts below describe the samples the filters kept: their shares are of those, not of every sample read
+    total = max(report["samples"] - sum(report.get("filtered", {}).values()), 1)
     lines.append("extensions    " + ", ".join(f"{ext} {n} ({100 * n / total:.0f}%)"
                                               for ext, n in report["extensions"].items()))
     images = report["images"]
