@@ -339,7 +339,7 @@ def test_refusals_name_what_is_wrong_in_one_line(export, run_dir, shards, shard_
     folder.mkdir()
     _noisy(0).save(folder / "a.png")
     err = _refusal(base + ["--folder", str(folder), "--modalities", "text", "--out", str(tmp_path / "x")], capsys)
-    assert "--modalities text: the folder holds no .txt or .json captions" in err
+    assert "--modalities text: no image in the folder has a .txt or .json caption beside it" in err
     (tmp_path / "t.csv").write_text("file,label\na.png,3\n")
     err = _refusal(base + ["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "x")], capsys)
     assert "has neither an image column 'image' (--image-column) nor a caption column 'caption'" in err

@@ -42,36 +42,6 @@ def _accelerate_launch(num_processes: int, args: list[str], env: dict,
 
 
 @pytest.mark.slow
-def test_quickstart_recipe_end_to_end_single_process(tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "clipalign.train", str(QUICKSTART), *SMALL, "train.steps=6",
-           f"train.output_dir={run}", f"export.dir={run / 'export'}"]
-    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    # the synthetic set was drawn into the cache dir given by the environment
-    assert list((tmp_path / "cache").rglob("train-*.tar"))
-    # run directory: resolved config, metrics, checkpoint, TensorBoard events, summary, export
-    resolved = read_config(run / "config.yaml")
-    assert resolved.data.train.startswith(str(tmp_path / "cache")) and resolved.train.steps == 6
-    metrics = _metrics(run)
-    steps = [m for m in metrics if "loss" in m]
-    assert [m["step"] for m in steps] == [2, 4, 6]
-    assert all(m["samples"] == 16 * m["step"] for m in steps)
-    assert all(m["skipped"] == {} for m in steps)
-    zeroshot = [m for m in metrics if "zeroshot" in m]
-    assert len(zeroshot) == 1 and zeroshot[0]["zeroshot"]["num_classes"] == 30
-    # retrieval on the synthetic held-out captions, in the same line: 600 images, two captions each
-    assert (zeroshot[0]["retrieval"]["num_images"], zeroshot[0]["retrieval"]["num_texts"]) == (600, 1200)
-    ckpts = list_checkpoints(run)
-    assert [c.name for c in ckpts] == ["step_00000006"] and read_trainer_state(ckpts[0])["step"] == 6
-    assert list(run.rglob("events.out.tfevents.*"))
-    assert (run / "export" / "open_clip_model.safetensors").is_file()
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["step"] == 6 and "top1" in summary["zeroshot"] and "text_retrieval_recall@5" in summary["retrieval"]
-
-
-@pytest.mark.slow
 def test_two_processes_train_and_resume(tmp_path):
     """2 gloo processes under accelerate launch: train 4 steps, then resume from the checkpoint to step 6."""
     run = tmp_path / "run"
