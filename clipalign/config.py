@@ -79,6 +79,10 @@ def _key(default: Any, doc: str, valid: str | None = None) -> Any:
     return field(default=default, metadata=metadata)
 
 
+# data.max_image_pixels: Pillow's own warning threshold (PIL.Image.MAX_IMAGE_PIXELS, ~89.5 MP)
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
 # Every int and float key (and list of numbers) carries its valid range; 0 means "off", "auto" or "unknown" where its
 # help says so. A test walks these dataclasses, so a numeric key without a range fails it.
 @dataclass
@@ -106,8 +110,8 @@ class DataConfig:
     decode_budget_mb: float = _key(1024.0, "data.decode=device: decoded full-resolution pixels of one batch on the "
                                            "device at most (MiB of RGB); the largest JPEGs past it decode in the "
                                            "workers", "> 0")
-    max_image_pixels: int = _key(89_478_485, "images with more pixels are skipped as bad_image before decoding; 0 = no "
-                                             "limit", ">= 0")
+    max_image_pixels: int = _key(DEFAULT_MAX_IMAGE_PIXELS, "images with more pixels are skipped as bad_image "
+                                                           "before decoding; 0 = no limit", ">= 0")
     max_source_failures: int = _key(10, "failed shard reads of one `::` source in a row (no sample between) that stop "
                                         "the run with an error naming it", ">= 1")
     batch_timeout: float = _key(600.0, "seconds a data worker may go without a batch before the run stops with an "
@@ -321,6 +325,10 @@ LORA_TOWERS = ("image", "text", "both")
 # data.captions: a sample's `.txt` member, or a field of its `.json` (a string, or a list of strings)
 CAPTION_TXT = "txt"
 CAPTION_JSON_PREFIX = "json."
+# data.keep_id: what identifies a sample to data.keep and data.keep_probability (clipalign.data.curation)
+KEEP_ID_CHOICES = ("uid", "key")
+# eval.table_format / --table-format: an evaluation table's separator (clipalign.evaluate; auto: from the extension)
+TABLE_SEPARATORS = {"csv": ",", "tsv": "\t"}
 
 
 def check_caption_sources(sources: Any) -> dict[str, float]:
@@ -358,10 +366,10 @@ _CHOICES = {
     ("train", "sharding"): SHARDING_CHOICES,
     ("train", "patch_embed"): ("auto", "conv", "matmul"),
     ("eval", "precision"): ("fp32", "bf16", "fp16"),
-    ("eval", "table_format"): ("auto", "csv", "tsv"),
+    ("eval", "table_format"): ("auto", *TABLE_SEPARATORS),
     ("data", "decode"): DECODE_CHOICES,
     ("data", "decode_backend"): DECODE_BACKENDS,
-    ("data", "keep_id"): ("uid", "key"),  # clipalign.data.curation.KEEP_ID_CHOICES
+    ("data", "keep_id"): KEEP_ID_CHOICES,
     ("export", "format"): EXPORT_FORMATS,
     ("model", "lora_targets"): LORA_TARGETS,  # each entry of the list
     ("model", "lora_towers"): LORA_TOWERS,

@@ -14,7 +14,6 @@ embedding is most similar to its own.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -29,6 +28,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from clipalign.cli import zeroshot_parser
+from clipalign.config import TABLE_SEPARATORS
 from clipalign.data.eval_sets import (
     ImagePaths,
     ShardSamples,
@@ -43,18 +44,16 @@ from clipalign.data.sample import (
     BUILTIN_SETS,
     CLASSNAMES_FILE,
     TEMPLATE_FILES,
-    TEMPLATES_FILE,
     every_caption,
     folder_classnames,
     image_bytes,
     resolve_lines,
 )
 from clipalign.data.shards import expand_urls, shard_samples
-from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, parse_pixel_limit
+from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
 from clipalign.layout import write_atomic
 from clipalign.tokenizer import tokenize
 
-TABLE_SEPARATORS = {"csv": ",", "tsv": "\t"}  # eval.table_format / --table-format: an evaluation table's separator
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
     "a photo of the {}.",
@@ -488,42 +487,7 @@ def _print_table(result: dict[str, Any], title: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`clipalign-zeroshot`: zero-shot classification and/or retrieval of a checkpoint, run or export directory."""
-    parser = argparse.ArgumentParser(prog="clipalign-zeroshot", description=main.__doc__)
-    parser.add_argument("--model", required=True, help="checkpoint directory, run directory (latest checkpoint) "
-                                                       "or export directory")
-    parser.add_argument("--data", help="classification: an ImageFolder root, WebDataset shards with a label per "
-                                       "sample (e.g. 'test/{0..3}.tar'), or a CSV/TSV of (image path, label) rows")
-    parser.add_argument("--dataset", choices=BUILTIN_SETS,
-                        help="use the built-in class names and templates of this data set (CLIP's published ones)")
-    parser.add_argument("--classnames", help=f"file with one class name per line in label order, or a built-in set "
-                                             f"({', '.join(BUILTIN_SETS)}) (default: {CLASSNAMES_FILE} beside the "
-                                             f"data, else an ImageFolder's folder names)")
-    parser.add_argument("--templates", help=f"file with one prompt template per line, '{{}}' for the class name, or a "
-                                            f"built-in set (default: {TEMPLATES_FILE} beside the data, else a "
-                                            f"small general set)")
-    parser.add_argument("--label-key", default="cls", help="shards: the member holding each sample's label (else "
-                                                           "the JSON field 'label')")
-    parser.add_argument("--csv-label-key", default="label", help="classification CSV column of labels (class "
-                                                                  "index or class name)")
-    parser.add_argument("--confusion", action="store_true", help="classification: add the confusion matrix to --output")
-    parser.add_argument("--confusion-png", help="classification: draw the confusion matrix into this PNG")
-    parser.add_argument("--retrieval", help="retrieval: a CSV/TSV with one row per (image, caption) pair, or "
-                                            "WebDataset shards with one or many captions per image")
-    parser.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths")
-    parser.add_argument("--csv-caption-key", default="caption", help="retrieval CSV column of captions")
-    parser.add_argument("--table-format", choices=tuple(TABLE_SEPARATORS),
-                        help="how a --data/--retrieval table separates its columns: csv (commas) or tsv (tabs); "
-                             "default: from the extension (.tsv: tabs, else commas)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="autocast precision of the towers (bf16 on GPUs halves the time)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--max-image-pixels", type=parse_pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
-                        help=f"skip (and count as bad_image) images with more pixels than this, read from their "
-                             f"header before decoding; 0 = no limit (default: {DEFAULT_MAX_IMAGE_PIXELS}, Pillow's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", help="write the results here as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser = zeroshot_parser(default_device="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not args.data and not args.retrieval:
         parser.error("give --data (classification), --retrieval (retrieval) or both")

@@ -11,7 +11,6 @@ The directory (its files are listed and named in `clipalign.layout`) loads with
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
@@ -30,6 +29,7 @@ from torch import nn
 
 from clipalign import __version__, hf_export
 from clipalign.checkpoint import CheckpointError, read_trainer_state, resolve_checkpoint
+from clipalign.cli import ONNX_EXPORTERS, export_parser
 from clipalign.config import EXPORT_FORMATS, read_config, redact_source
 from clipalign.layout import (
     EXPORT_CONFIG_FILE,
@@ -56,7 +56,6 @@ from clipalign.tokenizer import SentencePieceTokenizer, directory_tokenizer, tok
 
 CONFIG_FILE, WEIGHTS_FILE = EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE  # this module's names for them, for callers
 ONNX_OPSET = 18
-ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
 ONNX_TOLERANCE = 1e-4  # max abs difference of normalised embeddings, onnxruntime vs PyTorch
 _PROBE_TEXTS = ["a photo of a cat.", "a red circle on a blue background", ""]
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit: bigger towers keep their weights in FILE.onnx.data
@@ -449,16 +448,7 @@ def _evaluation_lines(record: dict) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     """`clipalign-export`: write an open_clip `local-dir:` export (and ONNX towers, and transformers' files) of a
     checkpoint."""
-    parser = argparse.ArgumentParser(prog="clipalign-export", description=main.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest one)")
-    parser.add_argument("--out", required=True, help="export directory (replaced if it holds an earlier export)")
-    parser.add_argument("--onnx", action="store_true", help=f"also export {IMAGE_ONNX} and {TEXT_ONNX}")
-    parser.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default="auto",
-                        help="torch.onnx path: dynamo (torch.export), torchscript (legacy tracer), "
-                             "auto = dynamo with a torchscript fallback")
-    parser.add_argument("--format", choices=EXPORT_FORMATS, default=None,
-                        help="open_clip: its local-dir: files; transformers: those plus CLIPModel/CLIPProcessor files "
-                             "in the same directory (default: the run's export.format, else open_clip)")
+    parser = export_parser()
     args = parser.parse_args(argv)
     try:
         out = export_model(args.checkpoint, args.out, onnx=args.onnx, onnx_exporter=args.onnx_exporter,

@@ -11,7 +11,6 @@ loop, whose body is one step, and the end of the run (`_finish`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,7 +36,8 @@ from clipalign.checkpoint import (
     save_checkpoint,
     save_sharded_state,
 )
-from clipalign.config import Config, ConfigError, describe_keys, load_config, shareable_config
+from clipalign.cli import train_parser
+from clipalign.config import Config, ConfigError, load_config, shareable_config
 from clipalign.data.curation import SampleFilter
 from clipalign.data.device_decode import DeviceDecoder, resolve_decode
 from clipalign.data.shards import DataSourceError, make_train_loader
@@ -696,13 +696,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    epilog = ("Overrides are section.key=value, e.g. train.steps=100 optim.lr=1e-3\n\n"
-              "Recipe keys as section.key=default (values are checked against their ranges before anything starts):\n\n"
-              + describe_keys())
-    parser = argparse.ArgumentParser(prog="clipalign-train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
-    parser.add_argument("recipe", help="YAML recipe (sections data, model, loss, optim, train, eval, export)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser = train_parser()
     args = parser.parse_args(argv)
     try:
         train(load_config(args.recipe, args.overrides))

@@ -16,7 +16,6 @@ statistics). Load the model with `clipalign.tokenizer.load_tokenizer("tok.model"
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import json
@@ -31,13 +30,13 @@ from typing import Any
 import sentencepiece as spm
 import webdataset as wds
 
+from clipalign.cli import MODEL_TYPES, train_tokenizer_parser
 from clipalign.data.sample import listed_captions, sample_captions, sample_json
 from clipalign.data.shards import SkipCounter, expand_urls, shard_samples
 from clipalign.data.sources import open_table, table_format_of
 from clipalign.layout import write_atomic
 from clipalign.tokenizer import DEFAULT_CONTEXT_LENGTH, clean_text
 
-MODEL_TYPES = ("unigram", "bpe")
 TEXT_SUFFIX = ".txt"
 STATS_CAPTIONS = 10_000  # captions kept (reservoir-sampled) to measure tokens per caption after training
 
@@ -278,31 +277,9 @@ def _training_error(message: str, vocab_size: int, character_coverage: float, ca
     return f"SentencePiece training on {captions} captions failed: {message}"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clipalign-train-tokenizer",
-        description="Train a SentencePiece tokenizer on captions from WebDataset shards, text files or CSV/TSV.")
-    parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="shards, .txt (one caption a line) or .csv/.tsv files; brace patterns, '::' between "
-                             "sources, e.g. '/data/cc3m/{00000..00331}.tar'")
-    parser.add_argument("--output", required=True, metavar="FILE.model",
-                        help="the model to write; the sidecar FILE.json goes next to it")
-    parser.add_argument("--vocab-size", type=int, default=8000, help="pieces wanted (default: %(default)s)")
-    parser.add_argument("--model-type", choices=MODEL_TYPES, default="unigram", help="default: %(default)s")
-    parser.add_argument("--max-samples", type=int, default=1_000_000,
-                        help="the most captions to train on (default: %(default)s)")
-    parser.add_argument("--caption-key", default="caption",
-                        help="the caption column of CSV/TSV sources (default: %(default)s)")
-    parser.add_argument("--character-coverage", type=float, default=0.9995,
-                        help="share of characters given their own piece; use 1.0 for small alphabets, 0.9995 for "
-                             "Chinese or Japanese (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """`clipalign-train-tokenizer`: train a SentencePiece tokenizer and print what it learned."""
-    parser = _parser()
+    parser = train_tokenizer_parser()
     args = parser.parse_args(argv)
     try:
         summary = train_sentencepiece(args.data, args.output, vocab_size=args.vocab_size, model_type=args.model_type,

@@ -18,10 +18,8 @@ table printed and written, and the chosen ratio's model exported:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import math
 import os
 import re
 import sys
@@ -33,10 +31,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from clipalign.checkpoint import resolve_checkpoint
+from clipalign.cli import DEFAULT_ALPHAS, DEFAULT_CHOICE, wiseft_parser
 from clipalign.config import read_config
 from clipalign.data.sample import BUILTIN_SETS, resolve_lines
 from clipalign.evaluate import (
-    TABLE_SEPARATORS,
     check_classification_source,
     check_retrieval_source,
     zero_shot_classification,
@@ -48,8 +46,6 @@ from clipalign.tokenizer import tokenize
 if TYPE_CHECKING:
     from clipalign.model import DualEncoder
 
-DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-DEFAULT_CHOICE = "mean"
 # model config keys that change how a model trains, not its weights or what it computes at evaluation
 TRAINING_ONLY_KEYS = frozenset({"patch_dropout"})
 # each set's main score, what "mean" averages and what `--choose SET` picks: top-1 for classification, and for
@@ -499,64 +495,10 @@ def markdown_table(table: Mapping[str, Any]) -> str:
 # ---- command line ------------------------------------------------------------------------------------------------
 
 
-def _alpha(text: str) -> float:
-    """argparse type of a mixing ratio: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise argparse.ArgumentTypeError(f"{text}: a mixing ratio is in [0, 1] (0: the start, 1: the fine-tuned model)")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """`clipalign-wiseft`: mix a fine-tuned model with its starting weights at several ratios (WiSE-FT), score each
     mix zero-shot, print and write the table, and export the chosen mix."""
-    parser = argparse.ArgumentParser(prog="clipalign-wiseft", description=main.__doc__)
-    parser.add_argument("--finetuned", required=True,
-                        help="the fine-tuned model: a checkpoint, run or export directory")
-    parser.add_argument("--start", help="the starting weights: a clipalign checkpoint, run or export directory, an "
-                                        "open_clip weights file, or a pretrained tag of the fine-tuned architecture "
-                                        "(TAG or NAME:TAG; downloads) (default: the fine-tuned run's model.pretrained, "
-                                        "when a local file)")
-    parser.add_argument("--alphas", type=_alpha, nargs="+", metavar="A",
-                        help=f"mixing ratios to score, 0 = start, 1 = fine-tuned (default: "
-                             f"{' '.join(f'{a:g}' for a in DEFAULT_ALPHAS)})")
-    parser.add_argument("--alpha", type=_alpha, metavar="A",
-                        help="export this one mix without evaluating (needs --export)")
-    parser.add_argument("--data", action="extend", nargs="+", default=[], metavar="[NAME=]SOURCE",
-                        help="classification sets, as clipalign-zeroshot --data (an ImageFolder, labelled shards or "
-                             "a CSV/TSV), each named NAME in the table (default: the folder or file name)")
-    parser.add_argument("--dataset", action="append", default=[], metavar="[NAME=]SET",
-                        help=f"built-in class names and templates ({', '.join(BUILTIN_SETS)}) for set NAME, or for "
-                             f"every classification set without NAME=")
-    parser.add_argument("--classnames", action="append", default=[], metavar="[NAME=]FILE",
-                        help="class names (a file, one per line in label order, or a built-in set) for set NAME, or "
-                             "for every classification set (default: classnames.txt beside the data, else an "
-                             "ImageFolder's folder names)")
-    parser.add_argument("--templates", action="append", default=[], metavar="[NAME=]FILE",
-                        help="prompt templates ('{}' for the class name; a file or a built-in set) for set NAME, or "
-                             "for every classification set (default: templates.txt beside the data, else a small "
-                             "general set)")
-    parser.add_argument("--retrieval", action="extend", nargs="+", default=[], metavar="[NAME=]SOURCE",
-                        help="retrieval sets, as clipalign-zeroshot --retrieval (a CSV/TSV of (image, caption) rows or "
-                             "captioned shards)")
-    parser.add_argument("--choose", default=DEFAULT_CHOICE, metavar="METRIC",
-                        help="what picks the exported mix: 'mean' (the mean over the sets of their main score: "
-                             "classification top-1, retrieval mean of both recall@1), a set's NAME (its main score) or "
-                             "NAME.KEY (e.g. imagenet.top5, coco.text_retrieval_recall@5); ties go to the α nearest "
-                             "0.5 (default: mean)")
-    parser.add_argument("--export", metavar="DIR", help="export the chosen mix here (an open_clip local-dir: export)")
-    parser.add_argument("--output", metavar="FILE", help="write the table (every set's full results per α) as JSON")
-    parser.add_argument("--table-format", choices=tuple(TABLE_SEPARATORS),
-                        help="how --data/--retrieval tables separate columns: csv or tsv (default: from the extension)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="autocast precision of the towers during evaluation (the mix itself is float32)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser = wiseft_parser(default_device="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     def fail(message: str) -> NoReturn:

@@ -17,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from clipalign.cli import parse_bytes
 from clipalign.data.inspect_shards import format_report, inspect_shards
 from clipalign.data.inspect_shards import main as inspect_main
 from clipalign.data.make_shards import (
@@ -25,7 +26,6 @@ from clipalign.data.make_shards import (
     folder_samples,
     imagefolder_samples,
     make_shards,
-    parse_bytes,
     table_samples,
 )
 from clipalign.data.make_shards import main as make_main

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import webdataset as wds
 
-from clipalign.config import ConfigError
+from clipalign.config import KEEP_ID_CHOICES, ConfigError
 from clipalign.data.sample import sample_json
 
 
@@ -69,7 +69,6 @@ FILTER_REASONS = (
 )
 FILTER_REASON_NAMES = tuple(r.name for r in FILTER_REASONS)
 
-KEEP_ID_CHOICES = ("uid", "key")
 UID_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])  # DataComp's np.dtype("u8,u8"): (high, low) 64 bits of a uid
 JSON_PREFIX = "json:"
 _UID = re.compile(r"[0-9a-fA-F]{1,32}")

@@ -16,7 +16,6 @@ and kept) and the filtered samples by reason, and judges only the kept ones furt
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -32,8 +31,9 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from clipalign.cli import inspect_shards_parser
 from clipalign.config import check_caption_sources
-from clipalign.data.curation import KEEP_ID_CHOICES, SampleFilter, stream_sample_seed
+from clipalign.data.curation import SampleFilter, stream_sample_seed
 from clipalign.data.sample import caption_of, draw_caption, image_bytes
 from clipalign.data.shards import expand_urls, shard_samples
 from clipalign.data.transforms import decode_image
@@ -264,25 +264,7 @@ def _fmt_summary(summary: dict[str, float] | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`clipalign-inspect-shards`: report on the samples of WebDataset shards."""
-    parser = argparse.ArgumentParser(prog="clipalign-inspect-shards", description=__doc__.split("\n\n")[0],
-                                     epilog="See docs/data.md.")
-    parser.add_argument("pattern", help="shard pattern as for data.train: brace ranges, '::' between sources; quote it")
-    parser.add_argument("--limit", type=int, metavar="N", help="stop after N samples (default: read everything)")
-    parser.add_argument("--json", metavar="OUT", help="also write the report to OUT as JSON")
-    parser.add_argument("--examples", type=int, default=5, metavar="N", help="example captions to show (default: 5)")
-    parser.add_argument("--captions", metavar="MAPPING",
-                        help="caption sources and weights as data.captions takes them, e.g. "
-                             "'{txt: 0.5, json.recaption: 0.5}': captions are drawn so, and counted by source")
-    curating = parser.add_argument_group("curating at load time (as the data.* keys of the same names)")
-    curating.add_argument("--keep", metavar="FILE", default="", help="data.keep: a file of sample ids to keep")
-    curating.add_argument("--keep-id", choices=KEEP_ID_CHOICES, default="uid",
-                          help="data.keep_id: uid (the .json's uid) or key (the __key__) (default: uid)")
-    curating.add_argument("--keep-probability", metavar="SPEC", default="",
-                          help="data.keep_probability: json:FIELD, or a file of ids and probabilities")
-    curating.add_argument("--min-score", metavar="FIELD>=VALUE", default="", help="data.min_score")
-    curating.add_argument("--seed", type=int, default=0,
-                          help="train.seed: the probability draw is that of an exact-pass run's first pass (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser = inspect_shards_parser()
     args = parser.parse_args(argv)
     try:
         captions = _caption_sources(args.captions) if args.captions else None

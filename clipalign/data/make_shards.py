@@ -41,9 +41,9 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from clipalign.data.sample import CLASSNAMES_FILE, TEMPLATES_FILE, read_lines
+from clipalign.cli import make_shards_parser
+from clipalign.data.sample import CLASSNAMES_FILE, read_lines
 from clipalign.data.sources import (
-    DEFAULT_TEMPLATE,
     ShardInputError,
     SourceSample,
     caption_templates,
@@ -286,75 +286,9 @@ def _encoded(samples: Sequence[SourceSample], encode, workers: int) -> Iterator[
 # command line
 
 
-def parse_bytes(text: str) -> int:
-    """A byte count such as `500000000`, `500MB`, `1.5GB` (powers of 1000) or `512MiB`, `1GiB` (powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
-    if m is None or (m[3] and not m[2]):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count such as 1000000, 500MB or 1GiB")
-    power = " KMGT".index(m[2] or " ")
-    return int(float(m[1]) * (1024 if m[3] else 1000) ** power)
-
-
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    out = common.add_argument_group("output")
-    out.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards and _stats.json")
-    out.add_argument("--prefix", default="train", help="shard name prefix: PREFIX-000000.tar, ... (default: train)")
-    out.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
-                     help="most samples per shard (default: 1000)")
-    out.add_argument("--max-shard-bytes", type=parse_bytes, metavar="SIZE",
-                     help="largest shard file, e.g. 500MB or 1GiB (default: no limit)")
-    out.add_argument("--resize", type=int, metavar="N", help="shrink images to N pixels on the shorter side, keeping "
-                                                             "the aspect ratio, and re-encode as JPEG; never upscales")
-    out.add_argument("--quality", type=int, default=95, metavar="Q",
-                     help="JPEG quality of re-encoded images (default: 95)")
-    out.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="processes reading and encoding images (default: 1)")
-    out.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
-                     help="skip (as bad_image) images with more pixels than this, read from their header before "
-                          f"decoding; 0 = no limit (default: {DEFAULT_MAX_IMAGE_PIXELS}, Pillow's, as training's "
-                          "data.max_image_pixels)")
-    out.add_argument("--overwrite", action="store_true", help="replace the output of an earlier run in --out")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    parser = argparse.ArgumentParser(
-        prog="clipalign-make-shards", description=__doc__.split("\n\n")[0],
-        epilog="Writes OUT/PREFIX-NNNNNN.tar and OUT/_stats.json (counts, skipped inputs by reason with examples) and "
-               "prints the pattern to pass as data.train. See docs/data.md.")
-    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{folder,table,imagefolder}")
-    folder = kinds.add_parser("folder", parents=[common], help="images with sidecar captions (x.jpg + x.txt/x.json)",
-                              description="A folder of images, searched recursively; x.jpg takes its caption from "
-                                          "x.txt, else from x.json ('caption' or 'captions').")
-    folder.add_argument("src", help="the folder")
-    table = kinds.add_parser("table", parents=[common], help="a CSV/TSV/parquet table of image paths and captions",
-                             description="A table with a column of local image paths and caption column(s). "
-                                         "URLs are refused: use img2dataset to download.")
-    table.add_argument("src", help="the table: .csv, .tsv/.tab or .parquet (parquet needs pyarrow)")
-    table.add_argument("--image-col", default="image", metavar="COL", help="column of image paths (default: image)")
-    table.add_argument("--caption-col", action="append", dest="caption_cols", metavar="COL",
-                       help="caption column; repeat for several captions per image (default: caption)")
-    table.add_argument("--image-root", metavar="DIR",
-                       help="base of relative image paths (default: the table's directory)")
-    table.add_argument("--table-format", choices=("csv", "tsv", "parquet"), help="default: from the extension")
-    imagefolder = kinds.add_parser("imagefolder", parents=[common], help="class sub-folders + caption templates",
-                                   description="An ImageFolder (one sub-folder of images per class); every image gets "
-                                               "every template filled with its class name, and its class index as "
-                                               "'label'. Writes OUT/classnames.txt.")
-    imagefolder.add_argument("src", help="the ImageFolder root")
-    imagefolder.add_argument("--templates", action="append", metavar="TEMPLATE",
-                             help="caption template with '{}' for the class name; repeatable (default: "
-                                  f"SRC/{TEMPLATES_FILE}, else '{DEFAULT_TEMPLATE}')")
-    imagefolder.add_argument("--templates-file", metavar="FILE",
-                             help="file with one template per line (added to --templates)")
-    imagefolder.add_argument("--classnames", metavar="FILE",
-                             help=f"file with one class name per line, in sorted folder order "
-                                  f"(default: SRC/{CLASSNAMES_FILE}, else the folder names)")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """`clipalign-make-shards`: WebDataset shards from a captioned folder, a table, or an ImageFolder."""
-    parser = _parser()
+    parser = make_shards_parser()
     args = parser.parse_args(argv)
     try:
         samples, classnames, info = _samples_from_args(args)

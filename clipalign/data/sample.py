@@ -27,6 +27,7 @@ INPUT_EXTENSIONS = (*IMAGE_EXTENSIONS, "bmp", "gif", "tif", "tiff")  # what make
 
 CLASSNAMES_FILE = "classnames.txt"  # one class name per line, in label order
 TEMPLATES_FILE = "templates.txt"  # one prompt template per line, "{}" standing for the class name
+DEFAULT_TEMPLATE = "a photo of a {}."  # make_shards' caption of an ImageFolder image without a templates file
 # the names clip_benchmark gives the same files in its WebDataset layout (DATASET/classnames.txt, DATASET/test/*.tar)
 CLIP_BENCHMARK_TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 TEMPLATE_FILES = (TEMPLATES_FILE, CLIP_BENCHMARK_TEMPLATES_FILE)  # looked for beside evaluation data, in this order

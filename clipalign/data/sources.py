@@ -21,9 +21,15 @@ from typing import Any
 
 import webdataset as wds
 
-from clipalign.data.sample import INPUT_EXTENSIONS, TEMPLATES_FILE, folder_classnames, json_captions, read_lines
+from clipalign.data.sample import (
+    DEFAULT_TEMPLATE,
+    INPUT_EXTENSIONS,
+    TEMPLATES_FILE,
+    folder_classnames,
+    json_captions,
+    read_lines,
+)
 
-DEFAULT_TEMPLATE = "a photo of a {}."
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet"}
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

@@ -15,7 +15,6 @@ The resize follows the model's preprocess config (`interpolation`, `resize_mode`
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 from collections.abc import Mapping
@@ -27,8 +26,8 @@ from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
 from PIL import Image
 from torchvision import transforms as T
 
-# Pillow's own warning threshold (PIL.Image.MAX_IMAGE_PIXELS, ~89.5 MP): the default of data.max_image_pixels
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+from clipalign.config import DEFAULT_MAX_IMAGE_PIXELS
+
 INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                   "nearest": T.InterpolationMode.NEAREST}
 RESIZE_MODES = ("shortest", "longest", "squash")  # open_clip's eval resize modes
@@ -174,14 +173,3 @@ def train_crop_box(img: Image.Image, image_size: int, crop_scale: float = 0.9,
     crop_top, crop_left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
     sy, sx = height / new_h, width / new_w
     return crop_top * sy, crop_left * sx, image_size * sy, image_size * sx
-
-
-def parse_pixel_limit(text: str) -> int:
-    """argparse type of a command line's --max-image-pixels: an integer >= 0 (underscores allowed: 89_478_485)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {value}")
-    return value

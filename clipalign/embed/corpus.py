@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from clipalign.cli import DEFAULT_PART_SIZE, MODALITIES
 from clipalign.data.sample import image_bytes, sample_captions
 from clipalign.data.shards import ShardReadError, expand_sources, read_shard
 from clipalign.data.sources import (
@@ -49,8 +50,6 @@ from clipalign.data.sources import (
 from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, decode_image, eval_transform, geometry
 from clipalign.tokenizer import Tokenizer, tokenize
 
-MODALITIES = ("image", "text")
-DEFAULT_PART_SIZE = 10_000  # samples per part of a folder or table: a resume redoes at most this many per process
 # the metadata columns of each kind of input, in order (their meanings: clipalign.embed's docstring)
 COLUMNS = {"shards": ("key", "caption", "shard"),
            "folder": ("key", "caption", "image_path"),

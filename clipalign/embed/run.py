@@ -32,10 +32,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipalign import __version__
-from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, parse_pixel_limit
+from clipalign.cli import DEFAULT_PART_SIZE, EMBED_DECODES, EMBED_PRECISIONS, embed_parser
+from clipalign.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
 from clipalign.embed.corpus import (
-    DEFAULT_PART_SIZE,
-    MODALITIES,
     Corpus,
     EmbedInputError,
     PartBatches,
@@ -49,8 +48,6 @@ from clipalign.embed.store import DTYPE, EmbedDirError, finish, prepare, release
 from clipalign.hardware import cpu_native_bf16
 from clipalign.model import DualEncoder, trim_padding
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DECODES = ("draft", "full")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_CHUNKS, MIN_TEXT_CHUNK = 4, 16  # a batch's captions go through the text tower in this many chunks of this many
 # a process that finishes its parts waits at a barrier for the slowest; parts are dealt evenly, but shards differ
@@ -94,8 +91,8 @@ def embed_corpus(model: DualEncoder, corpus: Corpus, out_dir: str | os.PathLike,
     device = next(model.parameters()).device
     modalities = resolve_modalities(corpus, modalities)
     precision = resolve_precision(precision, device)
-    if decode not in DECODES:
-        raise EmbedInputError(f"--decode {decode!r}: expected one of {', '.join(DECODES)}")
+    if decode not in EMBED_DECODES:
+        raise EmbedInputError(f"--decode {decode!r}: expected one of {', '.join(EMBED_DECODES)}")
     if max_image_pixels < 0:
         raise EmbedInputError(f"--max-image-pixels must be >= 0 (0: no limit), got {max_image_pixels}")
     state = PartialState(cpu=device.type == "cpu", timeout=_BARRIER_TIMEOUT)
@@ -144,8 +141,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         EmbedInputError: an unknown precision, or bf16 on a CPU without native bf16 (AVX-512 BF16 or AMX), where
             PyTorch's fallback runs about 250x slower than fp32.
     """
-    if precision not in PRECISIONS:
-        raise EmbedInputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision not in EMBED_PRECISIONS:
+        raise EmbedInputError(f"--precision {precision!r}: expected one of {', '.join(EMBED_PRECISIONS)}")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -323,56 +320,6 @@ class _Progress:
 # the command
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clipalign-embed",
-        description="Embed a corpus (WebDataset shards, a folder of images, or a CSV/TSV/parquet table) with a "
-                    "trained model into an embedding directory: float16 arrays in img_emb/ and text_emb/, their rows' "
-                    "metadata in metadata/ (parquet), embed.json (clip-retrieval's layout, which autofaiss reads).",
-        epilog="A killed run resumes when the same command runs again. Under `accelerate launch` each process embeds "
-               "its own parts. See docs/embed.md.")
-    parser.add_argument("--model", required=True, help="export directory, checkpoint directory, or run directory "
-                                                       "(its latest checkpoint)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", metavar="PATTERN", help="WebDataset shards as data.train takes them: brace "
-                                                            "patterns, '::' between sources, pipe: URLs; one part each")
-    source.add_argument("--folder", metavar="DIR", help="images under DIR (recursively), captions from x.txt or x.json "
-                                                        "beside x.jpg")
-    source.add_argument("--table", metavar="FILE", help="a CSV, TSV or parquet table of image paths and/or captions")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the embedding directory to write (or resume)")
-    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, metavar="{image,text}",
-                        help="what to embed (default: both where the input has both)")
-    table = parser.add_argument_group("tables")
-    table.add_argument("--image-column", default="image", help="column of image paths (default: image)")
-    table.add_argument("--caption-column", default="caption", help="column of captions (default: caption)")
-    table.add_argument("--key-column", help="column of sample keys (default: the row number, from 0)")
-    table.add_argument("--image-root", metavar="DIR", help="where relative image paths start (default: the table's "
-                                                           "folder)")
-    table.add_argument("--table-format", choices=("csv", "tsv", "parquet"), help="default: from the extension")
-    parser.add_argument("--part-size", type=int, metavar="N",
-                        help=f"folders and tables: samples per part, the unit of resume (default: "
-                             f"{DEFAULT_PART_SIZE}); a shard is always one part")
-    parser.add_argument("--batch-size", type=int, default=256, metavar="N",
-                        help="samples per forward pass (default: 256)")
-    parser.add_argument("--workers", type=int, default=2, metavar="N",
-                        help="DataLoader workers per process, which decode and tokenize (default: 2; 0: in the "
-                             "process itself)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="autocast precision; auto: bf16 on GPUs (fp16 where bf16 is missing), fp32 on CPU")
-    parser.add_argument("--decode", choices=DECODES, default="draft",
-                        help="draft (default): decode large JPEGs at a reduced scale, as training does; full: decode "
-                             "every image whole, exactly as model.preprocess")
-    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N "
-                                                         "(cuda:N for a single process)")
-    parser.add_argument("--max-image-pixels", type=parse_pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
-                        help=f"skip (as bad_image) images with more pixels than this, read from their header; 0 = no "
-                             f"limit (default: {DEFAULT_MAX_IMAGE_PIXELS})")
-    parser.add_argument("--overwrite", action="store_true", help="replace an embedding directory at --out (finished "
-                                                                 "or not); other files there are never removed")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
 def _corpus(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Corpus:
     if args.shards is not None:
         if args.part_size is not None:
@@ -399,7 +346,7 @@ def _device(spec: str):
 def main(argv: Sequence[str] | None = None) -> None:
     """`clipalign-embed`: embed a corpus with an export, checkpoint or run directory (`embed_corpus` from Python:
     this returns nothing, since the console script exits with what it returns)."""
-    parser = _parser()
+    parser = embed_parser()
     args = parser.parse_args(argv)
     state = None
     try:
