@@ -107,28 +107,20 @@ def test_the_loss_and_decode_steps_run_for_real_on_cpu(tmp_path):
     assert "| 512 | open_clip |" in md and "Decode" in md and "Not measured" not in md
 
 
-def test_the_fsdp_training_step_runs_for_real_on_one_cpu_process(tmp_path):
-    """`train.sharding=fsdp` from a plain `python -m clipalign.train`: the step's variables make its process group."""
+def test_the_check_runs_first_and_the_fsdp_step_runs_for_real_on_cpu(tmp_path):
+    """The GPU check through the report, at smoke sizes on CPU: its CUDA-only parts say why they were skipped, the
+    rest pass, and the report puts the check's table above every figure. In the same call (one launch, one drawing
+    of the shards), `train.sharding=fsdp` from a plain `python -m clipalign.train`: the step's variables make its
+    process group."""
     # a subprocess: drawing the shards spawns processes, which import the script by its path, not as `gpu_report`
     proc = subprocess.run([sys.executable, str(gr.TOOLS / "gpu_report.py"), "--out", str(tmp_path / "out"),
-                           "--device", "cpu", "--smoke", "--skip-reference", "--only", "train-tiny-b16-fsdp",
-                           "--cache", str(tmp_path / "cache")], cwd=gr.REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (step,) = json.loads((tmp_path / "out" / "gpu_report.json").read_text())["steps"]
-    assert step["status"] == "ok", step["log_tail"]
-    assert step["result"]["ours_args"] == ["train.sharding=fsdp"] and step["result"]["rows"][0]["ours"] > 0
-
-
-def test_the_check_runs_first_for_real_on_cpu_and_heads_the_report(tmp_path):
-    """The GPU check through the report, at smoke sizes on CPU: its CUDA-only parts say why they were skipped, the
-    rest pass, and the report puts the check's table above every figure."""
-    proc = subprocess.run([sys.executable, str(gr.TOOLS / "gpu_report.py"), "--out", str(tmp_path / "out"),
                            "--device", "cpu", "--smoke", "--skip-reference", "--only", "check",
-                           "--cache", str(tmp_path / "cache")], cwd=gr.REPO, capture_output=True, text=True,
-                          timeout=300)
+                           "train-tiny-b16-fsdp", "--cache", str(tmp_path / "cache")], cwd=gr.REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (step,) = json.loads((tmp_path / "out" / "gpu_report.json").read_text())["steps"]
+    steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "gpu_report.json").read_text())["steps"]}
+    assert list(steps) == ["check", "train-tiny-b16-fsdp"]  # the check first
+    step = steps["check"]
     assert step["status"] == "ok", step["log_tail"]
     checks = step["result"]["checks"]
     assert {name: r["status"] for name, r in checks.items()} == {
@@ -140,6 +132,9 @@ def test_the_check_runs_first_for_real_on_cpu_and_heads_the_report(tmp_path):
     assert checks["nonfinite"]["changed_by_skipped_steps"] == [] and checks["nonfinite"]["skipped_steps_counted"] == 2
     md = (tmp_path / "out" / "gpu_report.md").read_text()
     assert md.startswith("| GPU check | status | time |") and "| decode_training | pass |" in md
+    fsdp = steps["train-tiny-b16-fsdp"]
+    assert fsdp["status"] == "ok", fsdp["log_tail"]
+    assert fsdp["result"]["ours_args"] == ["train.sharding=fsdp"] and fsdp["result"]["rows"][0]["ours"] > 0
 
 
 def test_synchronising_lines_are_read_from_a_runs_warnings():
