@@ -93,6 +93,7 @@ def run_and_report(out: str, check: Callable[[Accelerator], dict]) -> None:
             result.update(world_size=accelerator.num_processes, distributed_type=str(accelerator.distributed_type))
             with open(out, "w") as f:
                 json.dump(result, f, indent=1)
+        accelerator.wait_for_everyone()  # no rank takes the group down while rank 0 still writes
     finally:
         # gloo aborts the interpreter at exit ("terminate called without an active exception") if the group lives on
         accelerator.end_training()

@@ -541,6 +541,9 @@ def _worker(args: argparse.Namespace) -> None:
             Path(args.out).write_text(json.dumps({"world": accelerator.num_processes, "sharding": args.run_sharding,
                                                   "image_size": raw.image_size,
                                                   "per_process": sorted(gathered, key=lambda r: r["rank"])}))
+        # every process meets here before the group goes: a rank that destroys it while rank 0 still writes makes
+        # gloo abort rank 0 at exit ("terminate called without an active exception")
+        accelerator.wait_for_everyone()
     finally:
         # gloo aborts the interpreter at exit if the process group lives on
         accelerator.end_training()
