@@ -77,8 +77,8 @@ def _as_run(command: str, shards: str, trained: set[str]) -> str:
         return command
     out = re.search(r"train\.output_dir=(\S+)", command)
     out = out.group(1) if out else "runs/quickstart"
-    # a run directory trained before is continued (the recipes resume), by one more step
-    steps = 2 + sum(1 for o in trained if o == out) * 2
+    # a run directory trained before is continued (the recipes resume), by two more steps
+    steps = 4 if out in trained else 2
     trained.add(out)
     extra = [f"train.steps={steps}", "data.batch_size=4", "train.log_every=1"]
     if re.search(r"data\.train='?/data/", command):  # a placeholder for the reader's own shards
